@@ -1,0 +1,145 @@
+"""The one block of knobs every experiment shares, and the CLI derived from it."""
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+from dataclasses import dataclass
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag value, missing file): printed as one line, exit 1."""
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "01_base"           # results/<name>/ ; equals the script's file stem
+    # data
+    dataset: str = "svhn"           # training set: svhn | mnist (MNIST is resized to 3x32x32)
+    data_dir: str = "data"          # torchvision layout: D/train_32x32.mat, D/MNIST/raw/*-ubyte
+    results_dir: str = "results"    # runs go to <results-dir>/<name>/seed-<seed>/
+    val_fraction: float = 0.05      # carved from train with a fixed seed; the only set that picks an epoch
+    train_subset: int = 0           # >0: seeded stratified subset of the training split (CPU runs); alias --subset-size
+    eval_subset: int = 0            # >0: stratified cap on val and test sets, for smoke runs only
+    # model
+    arch: str = "resnet18"          # resnet18 (32x32 stem, ours) | imagenet_resnet18 (torchvision's, ImageNet weights)
+    norm: str = "batch"             # batch | none: the variable of 02
+    width: int = 64                 # channels of the first stage; 64 is ResNet-18, tests shrink it for speed
+    transfer_input: str = "upsample64"  # imagenet_resnet18 only: upsample64 | upsample224 | stem3x3 (see models.py)
+    weights: str = ""               # imagenet_resnet18: a state-dict file; empty = torchvision's cache (download if online)
+    init_from: str = ""             # an experiment whose seed-matched model.pt initializes this run (08 <- 07)
+    inherit_best: bool = False      # take the recipe of the 01-06 run with the best validation accuracy (07)
+    inherited_from: str = ""        # filled in by inherit_best: which run the recipe came from and why
+    # optimization
+    epochs: int = 15                # enough for the one-cycle schedule to converge on full SVHN
+    batch_size: int = 128
+    optimizer: str = "sgd"          # sgd (Nesterov) | adamw
+    lr: float = 0.1                 # peak of the one-cycle schedule
+    momentum: float = 0.9           # SGD momentum, constant (the schedule moves only the lr)
+    weight_decay: float = 5e-4      # applied to every parameter; 5e-4 is the usual value for ResNets on 32x32 digits
+    warmup: float = 0.2             # fraction of all steps spent ramping the lr up (OneCycle pct_start)
+    label_smoothing: float = 0.0    # epsilon of torch's CrossEntropyLoss (03)
+    # augmentation (04); all zero = off
+    rotate: float = 0.0             # max rotation, degrees
+    shear: float = 0.0              # max shear, degrees
+    translate: float = 0.0          # max shift, fraction of the image size
+    crop_scale: float = 0.0         # resized crop keeps an area in [1 - crop_scale, 1]
+    perspective: float = 0.0        # max corner displacement, fraction of the image size
+    jitter: float = 0.0             # brightness, contrast and saturation factors in [1 - j, 1 + j]
+    # runtime
+    seed: int = 0                   # model init, batch order and augmentation; the val split stays fixed
+    device: str = "auto"            # auto | cpu | cuda
+    amp: str = "auto"               # auto (bf16 where the device runs it natively) | bf16 | off
+    compile: bool = False           # torch.compile the model (slow start; see README Speed)
+    quick: bool = False             # smoke profile: 256 images, 1 epoch, under <results-dir>/quick/
+    resume: bool = False            # continue the interrupted run of this config from its checkpoint
+    sweep: bool = False             # 08: label-efficiency sweep, fine-tuned vs from scratch
+    sweep_sizes: str = "100,300,1000,3000,10000"  # labelled-subset sizes of the sweep
+
+    def __post_init__(self):
+        choices = dict(dataset=("svhn", "mnist"), arch=("resnet18", "imagenet_resnet18"), norm=("batch", "none"),
+                       transfer_input=("upsample64", "upsample224", "stem3x3"), optimizer=("sgd", "adamw"),
+                       device=("auto", "cpu", "cuda"), amp=("auto", "bf16", "off"))
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise UserError(f"--{flag(key)} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        positive = ("epochs", "batch_size", "lr", "width", "warmup")
+        for key in positive:
+            if not getattr(self, key) > 0:
+                raise UserError(f"--{flag(key)} must be > 0, got {getattr(self, key)}")
+        non_negative = ("train_subset", "eval_subset", "weight_decay", "rotate", "shear", "translate",
+                        "crop_scale", "perspective", "jitter")
+        for key in non_negative:
+            if getattr(self, key) < 0:
+                raise UserError(f"--{flag(key)} must be >= 0, got {getattr(self, key)}")
+        for key in ("val_fraction", "warmup", "label_smoothing", "crop_scale", "jitter"):
+            if not 0 <= getattr(self, key) < 1:
+                raise UserError(f"--{flag(key)} must be in [0, 1), got {getattr(self, key)}")
+        if self.val_fraction == 0:
+            raise UserError("--val-fraction must be > 0: epochs are chosen on validation, never on test")
+        try:
+            self.sizes
+        except ValueError:
+            raise UserError(f"--sweep-sizes must be comma-separated positive integers, got {self.sweep_sizes!r}")
+
+    @property
+    def sizes(self):
+        sizes = [int(s) for s in self.sweep_sizes.split(",")]
+        if not sizes or min(sizes) <= 0:
+            raise ValueError(self.sweep_sizes)
+        return sizes
+
+    @property
+    def augments(self):
+        return any(getattr(self, k) > 0 for k in AUGMENT_FIELDS)
+
+
+AUGMENT_FIELDS = ("rotate", "shear", "translate", "crop_scale", "perspective", "jitter")
+# What 07 copies from the best earlier run: everything that shapes the learned function, nothing about data.
+RECIPE_FIELDS = ("arch", "norm", "width", "transfer_input", "weights", "optimizer", "lr", "momentum",
+                 "weight_decay", "warmup", "label_smoothing", "batch_size") + AUGMENT_FIELDS
+ALIASES = {"train_subset": ["--subset-size"]}
+
+
+def flag(field_name):
+    return field_name.replace("_", "-")
+
+
+def _field_comments():
+    """The why-comment after each field above, reused as its --help text (one source of truth)."""
+    comments = {}
+    for line in inspect.getsource(Config).splitlines():
+        match = re.match(r"\s+(\w+): \w+ = .*?#\s*(.*)$", line)
+        if match:
+            comments[match[1]] = match[2]
+    return comments
+
+
+def cli(config, argv=None):
+    """Parse flags over a script's CONFIG: only flags that were passed override it."""
+    main = sys.modules.get("__main__")
+    parser = argparse.ArgumentParser(description=getattr(main, "__doc__", None),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    comments = _field_comments()
+    for f in dataclasses.fields(Config):
+        if f.name == "inherited_from":
+            continue
+        default = getattr(config, f.name)
+        names = [f"--{flag(f.name)}"] + ALIASES.get(f.name, [])
+        help_text = f"{comments.get(f.name, '')} (default: {default!r})".replace("%", "%%")
+        if f.type in (bool, "bool"):
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(*names, dest=f.name, type=type(default), metavar=f.name.upper(), help=help_text)
+    passed = vars(parser.parse_args(argv))
+    try:
+        resolved = dataclasses.replace(config, **passed)
+        if resolved.inherit_best:
+            from .results import best_recipe
+            recipe, source = best_recipe(resolved)
+            recipe = {k: v for k, v in recipe.items() if k not in passed}  # flags on the command line win
+            resolved = dataclasses.replace(resolved, **recipe, inherited_from=source)
+    except UserError as e:
+        parser.error(str(e))
+    return resolved

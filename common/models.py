@@ -1,0 +1,147 @@
+"""BasicBlock / ResNet-18 for 32x32 digits, and torchvision's ImageNet ResNet-18 adapted to them."""
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from .config import UserError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def norm_layer(norm, channels):
+    return nn.BatchNorm2d(channels) if norm == "batch" else nn.Identity()
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride, norm):
+        super().__init__()
+        bias = norm == "none"  # BatchNorm's shift makes a conv bias redundant; without BN it is needed
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=bias)
+        self.bn1 = norm_layer(norm, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=bias)
+        self.bn2 = norm_layer(norm, c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=bias), norm_layer(norm, c_out))
+        # Each residual branch starts switched off, so at init every block is the identity (plus shortcut)
+        # and the residual stream cannot blow up with depth: with BN, the last BN's scale is zero
+        # (Goyal et al. 2017); without BN, a learnable scalar gain initialised to zero (SkipInit, De & Smith
+        # 2020), which is what lets norm="none" train at lr 0.02 without diverging.
+        if norm == "batch":
+            nn.init.zeros_(self.bn2.weight)
+            self.gain = None
+        else:
+            self.gain = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.gain is not None:
+            out = out * self.gain
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet with a 32x32 stem: one 3x3 conv, no max-pool, so the first stage runs at full resolution."""
+
+    def __init__(self, blocks_per_stage, num_classes=10, norm="batch", width=64):
+        super().__init__()
+        widths = [width * 2 ** i for i in range(len(blocks_per_stage))]
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=norm == "none"), norm_layer(norm, width), nn.ReLU())
+        layers, c_in = [], width
+        for i, (n, c_out) in enumerate(zip(blocks_per_stage, widths)):
+            for j in range(n):
+                layers.append(BasicBlock(c_in, c_out, 2 if i > 0 and j == 0 else 1, norm))
+                c_in = c_out
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet18(num_classes=10, norm="batch", width=64):
+    return ResNet([2, 2, 2, 2], num_classes, norm, width)
+
+
+class Normalize(nn.Module):
+    """Inputs are floats in [0, 1]; the statistics travel with the weights, so a saved model is self-contained."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class Resize(nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x):
+        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+
+def imagenet_weights_file(weights):
+    """The ImageNet state dict: --weights PATH, else torchvision's cache, downloading it when online."""
+    api = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    if weights:
+        if not Path(weights).is_file():
+            raise UserError(f"--weights {weights}: no such file")
+        return Path(weights)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(api.url).name
+    if not cached.exists():
+        try:
+            api.get_state_dict(progress=False)  # torch.hub writes to a temp file, renamed when complete
+        except Exception as e:
+            raise UserError(f"ImageNet weights missing: expected {cached} (torchvision's cache; TORCH_HOME moves it) "
+                            f"and the download failed ({type(e).__name__}). Place {api.url} there, "
+                            "or pass --weights PATH.") from None
+    return cached
+
+
+def imagenet_resnet18(transfer_input="upsample64", weights="", pretrained=True, num_classes=10):
+    """torchvision's ResNet-18 with ImageNet weights, fed 32x32 digits in one of three ways.
+
+    upsample64  (default) 2x bilinear upsampling and no max-pool: layer1 sees 32x32 maps as in our
+                ResNet, every pretrained weight is kept, and a step costs about what our ResNet-18 costs.
+    upsample224 the ImageNet resolution: the most faithful, about 49x the compute of upsample64's blocks.
+    stem3x3     a new 3x3 stride-1 stem and no max-pool: cheapest, but the first conv starts from scratch.
+    """
+    net = torchvision.models.resnet18()
+    if pretrained:
+        path = imagenet_weights_file(weights)
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise UserError(f"{path} is not a ResNet-18 state dict ({type(e).__name__}: {str(e)[:200]})") from None
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    layers = []
+    if transfer_input == "stem3x3":
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    elif transfer_input == "upsample64":
+        layers.append(Resize(64))
+        net.maxpool = nn.Identity()
+    else:
+        layers.append(Resize(224))
+    return layers, net
+
+
+def build_model(cfg, mean, std, pretrained=True):
+    """The network of a config, with input normalization in front. `pretrained=False` skips ImageNet
+    weights, for models whose state is loaded from a checkpoint right after."""
+    if cfg.arch == "imagenet_resnet18":
+        front, net = imagenet_resnet18(cfg.transfer_input, cfg.weights, pretrained)
+        return nn.Sequential(Normalize(IMAGENET_MEAN, IMAGENET_STD), *front, net)
+    return nn.Sequential(Normalize(mean, std), resnet18(10, cfg.norm, cfg.width))
