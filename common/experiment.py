@@ -12,10 +12,12 @@ import torch
 
 from . import data
 from .config import UserError
-from .models import build_model
-from .results import (environment, load_checkpoint, plot_confusion, plot_curves, run_dir,
+from .augment import augment
+from .models import build_model, imagenet_weights_file
+from .results import (environment, load_checkpoint, plot_augmented, plot_confusion, plot_curves, run_dir,
                       save_checkpoint, save_figure, save_torch, set_rng_states, write_json)
-from .train import Diverged, Progress, evaluate, fit, make_optimizer, make_schedule, pick_device, pick_precision
+from .train import (Diverged, Progress, epoch_generator, evaluate, fit, make_optimizer, make_schedule, pick_device,
+                    pick_precision, to_input)
 
 QUICK_IMAGES = 256
 # What a model.pt fixes about the network: a run initialized from it (08) takes these from it.
@@ -104,6 +106,8 @@ def train_experiment(cfg):
         source, source_path = source_model(cfg)
         cfg = dataclasses.replace(cfg, **{k: source["config"][k] for k in MODEL_FIELDS})
     ckpt = load_checkpoint(partial / "checkpoint.pt", cfg) if cfg.resume else None
+    if cfg.arch == "imagenet_resnet18" and not (source or ckpt):
+        imagenet_weights_file(cfg.weights)  # fail before the data is loaded, not after
     print_config(cfg)
 
     seed_everything(cfg.seed)
@@ -167,6 +171,10 @@ def train_experiment(cfg):
     plot_confusion(confusion[cross], f"{cfg.name}: {cross.upper()} test ({100 * test[cross]:.1f}%)",
                    out / f"confusion_{cross}.png")
     plot_curves(progress, cfg.name, out)
+    if cfg.augments:
+        originals = to_input(train[0][:8])
+        generator = epoch_generator(cfg.seed, -1, device)
+        plot_augmented(originals, [augment(originals, cfg, generator) for _ in range(4)], out / "augmented.png")
     save_torch(out / "model.pt", dict(config=dataclasses.asdict(cfg), model=progress.best_weights))
     metrics = dict(snapshot("finished"), test=test, confusion=confusion,
                    finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -174,7 +182,8 @@ def train_experiment(cfg):
     shutil.rmtree(partial, ignore_errors=True)
     print(f"test (epoch {progress.best_epoch}, chosen on validation): SVHN {100 * test['svhn']:.2f}% | "
           f"MNIST {100 * test['mnist']:.2f}% | {metrics['wall_time_s']:.0f}s on {metrics['device_name']} ({precision})")
-    print(f"wrote {out}/: metrics.json loss.png accuracy.png confusion_{cross}.png model.pt")
+    print(f"wrote {out}/: metrics.json loss.png accuracy.png confusion_{cross}.png model.pt"
+          + (" augmented.png" if cfg.augments else ""))
     return metrics
 
 

@@ -43,8 +43,12 @@ def _atomic(path, write):
         raise
 
 
+def write_text(path, text):
+    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def write_json(path, obj):
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
+    write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def save_torch(path, obj):
@@ -147,6 +151,20 @@ def plot_confusion(matrix, title, path):
     for (i, j), count in np.ndenumerate(matrix):
         ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if rates[i, j] > 0.5 else "black")
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true digit", title=title)
+    save_figure(fig, path)
+
+
+def plot_augmented(originals, versions, path):
+    """A grid: each row an original training image, then augmented draws of it (what the model sees)."""
+    columns = [originals] + list(versions)
+    fig, axes = plt.subplots(len(originals), len(columns), figsize=(1.2 * len(columns), 1.2 * len(originals)))
+    for i in range(len(originals)):
+        for j, images in enumerate(columns):
+            axes[i, j].imshow(images[i].float().permute(1, 2, 0).cpu().numpy())
+            axes[i, j].axis("off")
+    axes[0, 0].set_title("original", fontsize=8)
+    for j in range(1, len(columns)):
+        axes[0, j].set_title(f"draw {j}", fontsize=8)
     save_figure(fig, path)
 
 

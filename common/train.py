@@ -91,6 +91,10 @@ def evaluate(model, x, y, precision, batch_size=512):
     return loss.item() / len(y), (preds == y).float().mean().item(), preds
 
 
+def loss_function(cfg):
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
 class Diverged(Exception):
     def __init__(self, epoch, step, loss):
         super().__init__(f"loss became {loss} at epoch {epoch}, step {step}: the run diverged; "
@@ -113,7 +117,7 @@ def fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epo
     """Train from progress.epoch to cfg.epochs; after each epoch evaluate on validation, keep the best
     weights (model selection never looks at a test set) and call on_epoch_end (checkpointing)."""
     x, y = train
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss_fn = loss_function(cfg)
     step_model = torch.compile(model) if cfg.compile else model
     steps_per_epoch = len(x) // min(cfg.batch_size, len(x))
     for epoch in range(progress.epoch, cfg.epochs):

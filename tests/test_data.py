@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import scipy.io
+import torch
+
+from common import UserError, data
+from conftest import write_idx, write_svhn
+
+
+def test_svhn_shapes_dtypes_and_label_ten_is_zero(tmp_path):
+    labels = write_svhn(tmp_path / "train_32x32.mat", 50, seed=0)
+    x, y = data.load("svhn", "train", tmp_path)
+    assert x.shape == (50, 3, 32, 32) and x.dtype == torch.uint8
+    assert y.dtype == torch.int64 and y.tolist() == labels.tolist()
+    assert 0 in y.tolist() and y.max() <= 9
+    raw = scipy.io.loadmat(tmp_path / "train_32x32.mat")["X"]
+    assert torch.equal(x[7], torch.from_numpy(raw[..., 7]).permute(2, 0, 1))  # HWC-N -> N-CHW, no mixing
+
+
+def test_mnist_becomes_3x32x32(data_dir):
+    x, y = data.load("mnist", "test", data_dir)
+    assert x.shape == (200, 3, 32, 32) and x.dtype == torch.uint8
+    assert torch.equal(x[:, 0], x[:, 2])  # grey copied to every channel
+    assert y.dtype == torch.int64 and set(y.tolist()) <= set(range(10))
+
+
+def test_validation_split_disjoint_covering_and_stable():
+    train, val = data.split_train_val(1000, 0.05)
+    assert len(val) == 50 and len(train) == 950
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(1000))
+    assert torch.equal(val, data.split_train_val(1000, 0.05)[1])
+
+
+def test_stratified_subset_keeps_proportions():
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate([500, 300, 200])])
+    chosen = data.stratified_subset(labels, 100, seed=1)
+    assert len(chosen) == 100 and len(set(chosen.tolist())) == 100
+    assert torch.bincount(labels[chosen]).tolist() == [50, 30, 20]
+    assert torch.equal(chosen, data.stratified_subset(labels, 100, seed=1))
+
+
+def test_subset_larger_than_dataset_is_an_error():
+    with pytest.raises(UserError, match="1000 requested but only 10"):
+        data.stratified_subset(torch.arange(10) % 10, 1000)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"MATLAB 5.0 MAT-file, truncated", "not a readable .mat"),
+    ({"images": np.zeros((32, 32, 3, 2), np.uint8)}, "lacks the keys"),
+    ({"X": np.zeros((28, 28, 3, 2), np.uint8), "y": np.ones((2, 1))}, r"shape \(32, 32, 3, N\)"),
+    ({"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[0], [11]])}, "labels must lie in 1..10"),
+])
+def test_bad_svhn_file_names_file_and_fault(tmp_path, content, message):
+    path = tmp_path / "test_32x32.mat"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        scipy.io.savemat(path, content)
+    with pytest.raises(UserError, match=message) as error:
+        data.load("svhn", "test", tmp_path)
+    assert str(path) in str(error.value)
+
+
+def test_bad_idx_files_are_named(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((5, 28, 28), np.uint8))
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.zeros(5, np.uint8))
+    images = raw / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-10])
+    with pytest.raises(UserError, match="truncated") as error:
+        data.load("mnist", "test", tmp_path)
+    assert str(images) in str(error.value)
+    write_idx(images, np.zeros((5, 28, 28), np.uint8))
+    labels = raw / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(b"\x00\x00\x08\x03" + labels.read_bytes()[4:])
+    with pytest.raises(UserError, match="magic number"):
+        data.load("mnist", "test", tmp_path)
+
+
+def test_missing_file_without_network_leaves_nothing_behind(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(data.torchvision.datasets, "SVHN", offline)
+    with pytest.raises(UserError, match="train_32x32.mat") as error:
+        data.load("svhn", "train", tmp_path)
+    assert "--data-dir" in str(error.value)
+    assert list(tmp_path.iterdir()) == []  # no half-downloaded file posing as data

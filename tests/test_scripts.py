@@ -1,0 +1,78 @@
+"""Every numbered script end to end, as a user runs it, on fixture files."""
+import importlib.util
+import json
+import time
+
+import pytest
+import torch
+import torchvision
+
+from conftest import ROOT, run_script
+
+SCRIPTS = sorted(p.name for p in ROOT.glob("[0-9][0-9]_*.py"))
+METRIC_KEYS = {"status", "config", "history", "steps", "test", "best_epoch", "best_val_acc", "python", "torch",
+               "torchvision", "device", "device_name", "precision", "git_commit", "wall_time_s", "confusion"}
+
+
+def test_all_eight_scripts_exist_and_are_named_by_their_file():
+    assert len(SCRIPTS) == 8
+    for script in SCRIPTS:
+        spec = importlib.util.spec_from_file_location("script", ROOT / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.CONFIG.name == script[:-3]
+        assert module.__doc__.count("\n") >= 3  # the question and the difference from 01
+
+
+@pytest.fixture(scope="module")
+def torch_home(tmp_path_factory):
+    """A random ResNet-18 state dict where torchvision's cache looks for the ImageNet weights."""
+    home = tmp_path_factory.mktemp("torch_home")
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), home / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    return home
+
+
+def test_every_script_quick_end_to_end_then_report(data_dir, tmp_path, torch_home, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    for script in SCRIPTS:
+        done = run_script(script, "--quick", "--width", "16", "--data-dir", data_dir, "--results-dir", tmp_path)
+        assert done.returncode == 0, done.stderr
+        out = tmp_path / "quick" / script[:-3] / "seed-0"
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert METRIC_KEYS <= set(metrics) and metrics["status"] == "finished"
+        assert all(0 <= metrics["test"][k] <= 1 for k in ("svhn", "mnist"))
+        assert metrics["config"]["epochs"] == 1 and metrics["data"]["train"] == 256
+        assert len(metrics["steps"]) == 2 and len(metrics["history"]) == 1
+        for png in ("loss.png", "accuracy.png", f"confusion_{'svhn' if script.startswith('07') else 'mnist'}.png"):
+            assert (out / png).read_bytes()[:4] == b"\x89PNG", png
+        assert not (out / "partial").exists()
+    assert (tmp_path / "quick" / "04_augmentation" / "seed-0" / "augmented.png").exists()
+    reverse = json.loads((tmp_path / "quick" / "07_reverse_mnist" / "seed-0" / "metrics.json").read_text())
+    assert reverse["config"]["dataset"] == "mnist" and "best mean validation accuracy" in reverse["config"]["inherited_from"]
+    finetune = json.loads((tmp_path / "quick" / "08_finetune_svhn" / "seed-0" / "metrics.json").read_text())
+    assert finetune["init_from"].endswith("07_reverse_mnist/seed-0/model.pt")
+
+    from common.report import main
+    main(["--results-dir", str(tmp_path)])
+    summary = (tmp_path / "summary.md").read_text()
+    for script in SCRIPTS:
+        assert f"| {script[:-3]} |" in summary
+
+
+def test_missing_data_fails_fast_naming_the_file(tmp_path):
+    start = time.time()
+    done = run_script("01_base.py", "--data-dir", tmp_path / "empty", "--results-dir", tmp_path / "r")
+    assert done.returncode != 0 and time.time() - start < 30
+    assert "train_32x32.mat" in done.stderr and "--data-dir" in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 3
+    assert not list((tmp_path / "empty").glob("*.mat"))
+
+
+def test_08_without_07_and_05_without_weights_fail_cleanly(data_dir, tmp_path, monkeypatch):
+    done = run_script("08_finetune_svhn.py", "--quick", "--data-dir", data_dir, "--results-dir", tmp_path)
+    assert done.returncode == 1 and "run `python 07_reverse_mnist.py --quick --seed 0` first" in done.stderr
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_cache"))
+    done = run_script("05_transfer.py", "--quick", "--data-dir", data_dir, "--results-dir", tmp_path)
+    assert done.returncode == 1 and "resnet18-f37072fd.pth" in done.stderr and "--weights PATH" in done.stderr
+    assert "Traceback" not in done.stderr
