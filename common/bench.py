@@ -1,0 +1,233 @@
+"""python -m common.bench: the project's pipeline against the writeup-style one, side by side, one process.
+
+Writeup style = torchvision transforms on PIL images, one image at a time inside a DataLoader, fp32,
+NCHW. Ours = uint8 data on the device, augmentation of whole batches as tensor ops, bf16 autocast where
+native, channels_last. Every row: median of --repeats timings after a warm-up, both sides on the same
+images; ratio > 1 means ours is better.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from torch.utils.data import DataLoader, Dataset
+
+from .augment import augment
+from .config import Config
+from .models import resnet18
+from .train import autocast, batches, pick_device, pick_precision, to_input
+
+STACK = Config(rotate=15, shear=10, translate=0.1, crop_scale=0.25, perspective=0.15, jitter=0.3)  # 04's
+
+
+def pil_transform(cfg):
+    """The writeup's per-image augmentation stack at 04's strengths (torchvision v1 transforms, PIL)."""
+    geometric = []
+    if cfg.rotate or cfg.shear or cfg.translate:
+        geometric.append(T.RandomAffine(cfg.rotate, translate=(cfg.translate,) * 2, shear=cfg.shear))
+    if cfg.crop_scale:
+        geometric.append(T.RandomResizedCrop(32, scale=(1 - cfg.crop_scale, 1), antialias=True))
+    if cfg.perspective:
+        geometric.append(T.RandomPerspective(2 * cfg.perspective, p=1.0))
+    if cfg.jitter:
+        geometric.append(T.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter))
+    return T.Compose([T.ToPILImage(), *geometric, T.ToTensor()])
+
+
+class PerImage(Dataset):
+    """What a torchvision dataset does per item: uint8 image -> PIL -> transforms -> float tensor."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def timed(fn, repeats, sync):
+    fn()  # warm-up: allocator, oneDNN/cuDNN kernel choice
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def augment_baseline(images, cfg):
+    transform = pil_transform(cfg)
+    return torch.stack([transform(img) for img in images.cpu()])
+
+
+def augment_ours(images, cfg, generator):
+    return augment(to_input(images), cfg, generator)
+
+
+def train_steps(model, images, labels, batch_size, precision, channels_last):
+    """One pass of SGD steps over the images; returns the mean loss (the same images on both sides)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    total = 0.0
+    for xb, yb in batches(images, labels, batch_size):
+        inputs = xb.float() / 255
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast(images.device, precision):
+            loss = F.cross_entropy(model(inputs).float(), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+    return total
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_row(scale):
+    """Bytes of the four datasets at their official sizes: float32 N x 3 x 32 x 32 (writeup style) vs our
+    uint8 (MNIST grey held once, shown as RGB by expand()); and the process RSS while ours are held."""
+    sizes = [max(1, n // scale) for n in (73257, 26032, 60000, 10000)]  # SVHN train, test; MNIST train, test
+    ours = [torch.ones(n, 3, 32, 32, dtype=torch.uint8) for n in sizes[:2]]
+    ours += [torch.ones(n, 1, 32, 32, dtype=torch.uint8).expand(-1, 3, -1, -1) for n in sizes[2:]]
+    rss = rss_bytes()
+    ours_bytes = sum(t.untyped_storage().nbytes() for t in ours)
+    baseline_bytes = sum(4 * n * 3 * 32 * 32 for n in sizes)  # float32, as ToTensor() yields
+    return baseline_bytes / 2**20, ours_bytes / 2**20, rss / 2**20
+
+
+def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, compile=False):
+    device = pick_device(device)
+    precision = pick_precision("auto", device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if quick:
+        images, repeats, batch_size = 64, 1, 32
+    torch.manual_seed(0)
+    data = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (images,))
+    on_device = data.to(device), labels.to(device)
+    width = 16 if quick else 64
+    rows = []
+
+    def row(name, baseline, ours, unit, higher_is_better=True):
+        ratio = ours / baseline if higher_is_better else baseline / ours
+        rows.append(dict(name=name, baseline=baseline, ours=ours, unit=unit, ratio=ratio))
+
+    n_aug = min(images, 512)
+    generator = torch.Generator(device=device).manual_seed(0)
+    t_base = timed(lambda: augment_baseline(data[:n_aug], STACK), repeats, sync)
+    t_ours = timed(lambda: augment_ours(on_device[0][:n_aug], STACK, generator), repeats, sync)
+    row("augment", n_aug / t_base, n_aug / t_ours, "images/s")
+
+    n_step = min(images, 4 * batch_size)
+    init = resnet18(width=width).state_dict()
+
+    def fresh(channels_last):
+        model = resnet18(width=width)
+        model.load_state_dict(init)
+        return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    fp32, ours_model = fresh(False), fresh(True)
+    subset = on_device[0][:n_step], on_device[1][:n_step]
+    t_base = timed(lambda: train_steps(fp32, *subset, batch_size, "fp32", False), repeats, sync)
+    t_ours = timed(lambda: train_steps(ours_model, *subset, batch_size, precision, True), repeats, sync)
+    row(f"train_step ({precision}, channels_last)", n_step / t_base, n_step / t_ours, "images/s")
+    if compile:
+        compiled = torch.compile(fresh(True))
+        t_comp = timed(lambda: train_steps(compiled, *subset, batch_size, precision, True), repeats, sync)
+        row(f"train_step compiled vs not ({precision})", n_step / t_ours, n_step / t_comp, "images/s")
+
+    # One epoch with augmentation: a DataLoader of per-image PIL transforms feeding an fp32 NCHW model,
+    # against batches sliced on the device, augmented as tensors, bf16 + channels_last.
+    loader = DataLoader(PerImage(data, labels, pil_transform(STACK)), batch_size=batch_size, shuffle=True,
+                        num_workers=0 if quick else os.cpu_count(), drop_last=True)
+    base_model, our_model = fresh(False), fresh(True)
+
+    def epoch_baseline():
+        optimizer = torch.optim.SGD(base_model.parameters(), lr=0.01, momentum=0.9)
+        for xb, yb in loader:
+            loss = F.cross_entropy(base_model(xb.to(device)), yb.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    def epoch_ours():
+        optimizer = torch.optim.SGD(our_model.parameters(), lr=0.01, momentum=0.9)
+        for xb, yb in batches(*on_device, batch_size, generator):
+            inputs = augment(to_input(xb), STACK, generator)
+            with autocast(device, precision):
+                loss = F.cross_entropy(our_model(inputs).float(), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    epoch_images = images - images % batch_size
+    t_base = timed(epoch_baseline, max(1, repeats - 1), sync)
+    t_ours = timed(epoch_ours, max(1, repeats - 1), sync)
+    row("epoch (augmented)", epoch_images / t_base, epoch_images / t_ours, "images/s")
+
+    @torch.inference_mode()
+    def evaluate(model, precision_, channels_last):
+        model.eval()
+        for xb, _ in batches(*on_device, 512):
+            inputs = xb.float() / 255
+            if channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision_):
+                model(inputs)
+
+    t_base = timed(lambda: evaluate(fp32, "fp32", False), repeats, sync)
+    t_ours = timed(lambda: evaluate(ours_model, precision, True), repeats, sync)
+    row("eval", images / t_base, images / t_ours, "images/s")
+
+    base_mb, ours_mb, total_mb = memory_row(scale=100 if quick else 1)
+    row("memory (4 datasets)", base_mb, ours_mb, "MiB", higher_is_better=False)
+    return dict(device=str(device), device_name=_device_name(device), precision=precision, images=images,
+                batch_size=batch_size, threads=torch.get_num_threads(), process_rss_mib=total_mb, rows=rows)
+
+
+def _device_name(device):
+    from .results import environment
+    return environment(device, "")["device_name"]
+
+
+def table(result):
+    lines = [f"device: {result['device_name']} ({result['device']}, {result['threads']} threads, {result['precision']}); "
+             f"{result['images']} images, batch {result['batch_size']}",
+             f"{'':28} {'writeup style':>14} {'ours':>12} {'unit':>9} {'ratio':>7}"]
+    for r in result["rows"]:
+        lines.append(f"{r['name']:28} {r['baseline']:14.1f} {r['ours']:12.1f} {r['unit']:>9} {r['ratio']:6.1f}x")
+    lines.append(f"process RSS while holding our four datasets (with torch and the models): {result['process_rss_mib']:.0f} MiB")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
+    parser.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
+    parser.add_argument("--images", type=int, default=1024, help="synthetic SVHN-shaped images (default: 1024)")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per row; the median is shown (default: 3)")
+    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd train step")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the code, not the speed")
+    parser.add_argument("--json", help="also save the table as JSON here")
+    args = parser.parse_args(argv)
+    result = bench(args.device, args.batch_size, args.images, args.repeats, args.quick, args.compile)
+    print(table(result))
+    if args.json:
+        from .results import write_json
+        write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
