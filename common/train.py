@@ -158,7 +158,7 @@ def fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epo
         progress.history.append(record)
         progress.steps.extend(step_losses)
         progress.epoch = epoch + 1
-        if val_acc > progress.best_val_acc:
+        if val_acc >= progress.best_val_acc:  # a tie goes to the later, longer-trained epoch
             progress.best_val_acc, progress.best_epoch = val_acc, epoch + 1
             progress.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         print(f"epoch {epoch + 1:>{len(str(cfg.epochs))}}/{cfg.epochs} | train {record['train_loss']:.3f} "

@@ -66,6 +66,6 @@ def data_dir(tmp_path_factory):
 
 def run_script(script, *args, cwd=None, timeout=240):
     """Run a numbered script as a user would; returns the CompletedProcess (output captured)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TORCH_HOME=os.environ.get("TORCH_HOME", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd or ROOT, env=env)

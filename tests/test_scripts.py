@@ -53,6 +53,15 @@ def test_every_script_quick_end_to_end_then_report(data_dir, tmp_path, torch_hom
     finetune = json.loads((tmp_path / "quick" / "08_finetune_svhn" / "seed-0" / "metrics.json").read_text())
     assert finetune["init_from"].endswith("07_reverse_mnist/seed-0/model.pt")
 
+    done = run_script("08_finetune_svhn.py", "--quick", "--width", "16", "--sweep", "--sweep-sizes", "32,64,100000",
+                      "--data-dir", data_dir, "--results-dir", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "skipping sizes above" in done.stdout
+    sweep = json.loads((tmp_path / "quick" / "08_finetune_svhn" / "seed-0" / "sweep.json").read_text())
+    assert [(r["labels"], r["start"]) for r in sweep["rows"]] == [
+        (32, "fine-tuned"), (32, "scratch"), (64, "fine-tuned"), (64, "scratch")]
+    assert (tmp_path / "quick" / "08_finetune_svhn" / "seed-0" / "label_efficiency.png").exists()
+
     from common.report import main
     main(["--results-dir", str(tmp_path)])
     summary = (tmp_path / "summary.md").read_text()

@@ -27,7 +27,8 @@ def test_loss_falls_and_validation_improves_on_a_learnable_fixture(data_dir):
     assert len(progress.history) == 8 and len(progress.steps) == 8 * (256 // 32)
     assert progress.history[-1]["train_loss"] < 0.7 * progress.history[0]["train_loss"]
     assert progress.best_val_acc > 0.5  # chance is 0.1
-    assert progress.best_epoch == max(progress.history, key=lambda h: h["val_acc"])["epoch"]
+    best = max(h["val_acc"] for h in progress.history)
+    assert progress.best_epoch == max(h["epoch"] for h in progress.history if h["val_acc"] == best)
 
 
 def test_same_seed_gives_identical_history(data_dir):
@@ -48,3 +49,15 @@ def test_label_smoothing_loss_is_pytorchs():
 def test_non_finite_loss_stops_with_epoch_and_step(data_dir):
     with pytest.raises(Diverged, match=r"epoch 1, step \d+.*lower --lr"):
         train_small(data_dir, norm="none", lr=1e12, weight_decay=0)
+
+
+def test_precision_is_bf16_only_where_native(monkeypatch):
+    import common.train as train
+    from common import UserError
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train, "bf16_native", lambda device: False)
+    assert train.pick_precision("auto", cpu) == "fp32" and train.pick_precision("off", cpu) == "fp32"
+    with pytest.raises(UserError, match="--amp off"):
+        train.pick_precision("bf16", cpu)
+    monkeypatch.setattr(train, "bf16_native", lambda device: True)
+    assert train.pick_precision("auto", cpu) == "bf16" and train.pick_precision("off", cpu) == "fp32"
