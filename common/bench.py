@@ -69,7 +69,7 @@ def augment_baseline(images, cfg):
 
 
 def augment_ours(images, cfg, generator):
-    return augment(to_input(images), cfg, generator)
+    return to_input(images, lambda x: augment(x, cfg, generator))
 
 
 def train_steps(model, images, labels, batch_size, precision, channels_last):
@@ -165,7 +165,7 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
     def epoch_ours():
         optimizer = torch.optim.SGD(our_model.parameters(), lr=0.01, momentum=0.9)
         for xb, yb in batches(*on_device, batch_size, generator):
-            inputs = augment(to_input(xb), STACK, generator)
+            inputs = augment_ours(xb, STACK, generator)
             with autocast(device, precision):
                 loss = F.cross_entropy(our_model(inputs).float(), yb)
             optimizer.zero_grad(set_to_none=True)
