@@ -6,6 +6,9 @@ lr, label smoothing and augmentation of the finished 01-06 experiment with the b
 accuracy in results/ (metrics.json's config.inherited_from says which and why). With none finished
 yet, the recipe below is used: 04's (augmentation + label smoothing). Flags on the command line win
 over the inherited recipe; --no-inherit-best uses this file's recipe. Saves model.pt for 08.
+Two cross-domain choices are 07's own: each image standardized by its own statistics, and half the
+training images inverted. Measured on CPU (10k MNIST images, 5 epochs, seed 0, 486 real SVHN crops):
+SVHN test 8.85% without them, 34.77% with them; MNIST test 99.07% and 99.05%.
     python 07_reverse_mnist.py [--train-subset 10000] [--epochs 5] [--quick]
 """
 from common import Config, cli, run
@@ -15,6 +18,8 @@ CONFIG = Config(
     dataset="mnist",      # the variable under study
     inherit_best=True,
     epochs=10,            # MNIST is easy: 10 epochs of 57k images is ample
+    input_norm="image",   # MNIST is always white on black: the train-set mean/std would misread SVHN's lighting
+    invert=0.5,           # SVHN has dark-on-light digits too; MNIST alone never shows one
     label_smoothing=0.1,  # default recipe = 04's, used when no 01-06 run has finished
     rotate=15, shear=10, translate=0.1, crop_scale=0.25, perspective=0.15, jitter=0.3,
 )

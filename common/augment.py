@@ -34,7 +34,7 @@ def _perspective(displacement):
 
 def augment(x, cfg, generator):
     """x: float (B, 3, H, W) in [0, 1]. Strengths come from cfg (rotate, shear, translate, crop_scale,
-    perspective, jitter); each image draws its own parameters from `generator` (on x's device)."""
+    perspective, jitter, invert); each image draws its own parameters from `generator` (on x's device)."""
     b, device = x.shape[0], x.device
     u = torch.rand(b, 16, generator=generator, device=device, dtype=torch.float32) * 2 - 1  # U(-1, 1)
 
@@ -75,4 +75,8 @@ def augment(x, cfg, generator):
         alpha = brightness * contrast
         beta = brightness * grey.mean((2, 3), keepdim=True) * (1 - contrast)
         x = torch.addcmul(grey * (alpha * (1 - saturation)) + beta, x, alpha * saturation)  # one full-size pass
-    return x.clamp_(0, 1)
+    x = x.clamp_(0, 1)
+    if cfg.invert > 0:
+        flip = torch.rand(b, 1, 1, 1, generator=generator, device=device) < cfg.invert
+        x = torch.where(flip, 1 - x, x)
+    return x

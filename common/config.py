@@ -24,6 +24,7 @@ class Config:
     # model
     arch: str = "resnet18"          # resnet18 (32x32 stem, ours) | imagenet_resnet18 (torchvision's, ImageNet weights)
     norm: str = "batch"             # batch | none: the variable of 02
+    input_norm: str = "dataset"     # dataset (train-set mean/std) | image (each image by its own: no brightness/contrast cue)
     width: int = 64                 # channels of the first stage; 64 is ResNet-18, tests shrink it for speed
     transfer_input: str = "upsample64"  # imagenet_resnet18 only: upsample64 | upsample224 | stem3x3 (see models.py)
     weights: str = ""               # imagenet_resnet18: a state-dict file; empty = torchvision's cache (download if online)
@@ -46,6 +47,7 @@ class Config:
     crop_scale: float = 0.0         # resized crop keeps an area in [1 - crop_scale, 1]
     perspective: float = 0.0        # max corner displacement, fraction of the image size
     jitter: float = 0.0             # brightness, contrast and saturation factors in [1 - j, 1 + j]
+    invert: float = 0.0             # probability of inverting an image: SVHN digits come in both polarities, MNIST's never
     # runtime
     seed: int = 0                   # model init, batch order and augmentation; the val split stays fixed
     device: str = "auto"            # auto | cpu | cuda
@@ -58,6 +60,7 @@ class Config:
 
     def __post_init__(self):
         choices = dict(dataset=("svhn", "mnist"), arch=("resnet18", "imagenet_resnet18"), norm=("batch", "none"),
+                       input_norm=("dataset", "image"),
                        transfer_input=("upsample64", "upsample224", "stem3x3"), optimizer=("sgd", "adamw"),
                        device=("auto", "cpu", "cuda"), amp=("auto", "bf16", "off"))
         for key, allowed in choices.items():
@@ -68,11 +71,11 @@ class Config:
             if not getattr(self, key) > 0:
                 raise UserError(f"--{flag(key)} must be > 0, got {getattr(self, key)}")
         non_negative = ("train_subset", "eval_subset", "weight_decay", "rotate", "shear", "translate",
-                        "crop_scale", "perspective", "jitter")
+                        "crop_scale", "perspective", "jitter", "invert")
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise UserError(f"--{flag(key)} must be >= 0, got {getattr(self, key)}")
-        for key in ("val_fraction", "warmup", "label_smoothing", "crop_scale", "jitter"):
+        for key in ("val_fraction", "warmup", "label_smoothing", "crop_scale", "jitter", "invert"):
             if not 0 <= getattr(self, key) < 1:
                 raise UserError(f"--{flag(key)} must be in [0, 1), got {getattr(self, key)}")
         if self.val_fraction == 0:
@@ -94,10 +97,12 @@ class Config:
         return any(getattr(self, k) > 0 for k in AUGMENT_FIELDS)
 
 
-AUGMENT_FIELDS = ("rotate", "shear", "translate", "crop_scale", "perspective", "jitter")
-# What 07 copies from the best earlier run: everything that shapes the learned function, nothing about data.
+AUGMENT_FIELDS = ("rotate", "shear", "translate", "crop_scale", "perspective", "jitter", "invert")
+# What 07 copies from the best earlier run: how the network is built and trained. Not the data, and not
+# the cross-domain choices (input_norm, invert), which 01-06 on SVHN cannot rank.
 RECIPE_FIELDS = ("arch", "norm", "width", "transfer_input", "weights", "optimizer", "lr", "momentum",
-                 "weight_decay", "warmup", "label_smoothing", "batch_size") + AUGMENT_FIELDS
+                 "weight_decay", "warmup", "label_smoothing", "batch_size", "rotate", "shear", "translate",
+                 "crop_scale", "perspective", "jitter")
 ALIASES = {"train_subset": ["--subset-size"]}
 
 

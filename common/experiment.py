@@ -21,7 +21,7 @@ from .train import (Diverged, Progress, epoch_generator, evaluate, fit, make_opt
 
 QUICK_IMAGES = 256
 # What a model.pt fixes about the network: a run initialized from it (08) takes these from it.
-MODEL_FIELDS = ("arch", "norm", "width", "transfer_input")
+MODEL_FIELDS = ("arch", "norm", "input_norm", "width", "transfer_input")
 
 
 def run(cfg):

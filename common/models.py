@@ -80,6 +80,14 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class StandardizeImage(nn.Module):
+    """Each image minus its own mean, over its own std: what is left is shape, not lighting or ink colour."""
+
+    def forward(self, x):
+        mean = x.mean((1, 2, 3), keepdim=True)
+        return (x - mean) / x.std((1, 2, 3), keepdim=True).clamp(min=1e-2)
+
+
 class Resize(nn.Module):
     def __init__(self, size):
         super().__init__()
@@ -141,4 +149,5 @@ def build_model(cfg, mean, std, pretrained=True):
     if cfg.arch == "imagenet_resnet18":
         front, net = imagenet_resnet18(cfg.transfer_input, cfg.weights, pretrained)
         return nn.Sequential(Normalize(IMAGENET_MEAN, IMAGENET_STD), *front, net)
-    return nn.Sequential(Normalize(mean, std), resnet18(10, cfg.norm, cfg.width))
+    front = StandardizeImage() if cfg.input_norm == "image" else Normalize(mean, std)
+    return nn.Sequential(front, resnet18(10, cfg.norm, cfg.width))

@@ -39,3 +39,11 @@ def test_fixed_seed_reproduces_the_batch():
     b = augment(x, STRONG, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     assert not torch.equal(a, augment(x, STRONG, torch.Generator().manual_seed(4)))
+
+
+def test_invert_flips_polarity_per_image():
+    x = batch()
+    assert torch.allclose(augment(x, Config(invert=0.99999), torch.Generator().manual_seed(1)), 1 - x, atol=1e-5)
+    half = augment(x[:1].expand(64, -1, -1, -1), Config(invert=0.5), torch.Generator().manual_seed(1))
+    flipped = [torch.allclose(img, 1 - x[0], atol=1e-5) for img in half]
+    assert 10 < sum(flipped) < 54  # each image draws its own coin

@@ -50,3 +50,12 @@ def test_imagenet_weights_load_from_torchvision_cache(tmp_path, monkeypatch):
     _, net = imagenet_resnet18("upsample64")
     assert torch.equal(net.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
     assert net.fc.out_features == 10
+
+
+def test_per_image_standardization_ignores_brightness_and_contrast():
+    model = build_model(Config(width=8, input_norm="image"), mean=[0.5] * 3, std=[0.25] * 3)
+    x = torch.rand(2, 3, 32, 32)
+    out = model[0](x)
+    assert torch.allclose(out.mean((1, 2, 3)), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(out.std((1, 2, 3)), torch.ones(2), atol=1e-4)
+    assert torch.allclose(model[0](0.5 * x + 0.2), out, atol=1e-4)
