@@ -1,12 +1,13 @@
 """python -m common.bench: the project's pipeline against the writeup-style one, side by side, one process.
 
 Writeup style = torchvision transforms on PIL images, one image at a time inside a DataLoader, fp32,
-NCHW. Ours = uint8 data on the device, augmentation of whole batches as tensor ops, bf16 autocast where
-native, channels_last. Every row: median of --repeats timings after a warm-up, both sides on the same
-images; ratio > 1 means ours is better.
+NCHW, glibc's default allocator settings. Ours = uint8 data on the device, augmentation of whole batches
+as tensor ops, bf16 autocast where native, channels_last, freed memory kept mapped (keep_freed_memory).
+Every row: median of --repeats timings after a warm-up, both sides on the same images; ratio > 1 means
+ours is better.
 """
 import argparse
-import json
+import multiprocessing
 import os
 import statistics
 import time
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from .augment import augment
 from .config import Config
 from .models import resnet18
-from .train import autocast, batches, pick_device, pick_precision, to_input
+from .train import autocast, batches, keep_freed_memory, pick_device, pick_precision, to_input
 
 STACK = Config(rotate=15, shear=10, translate=0.1, crop_scale=0.25, perspective=0.15, jitter=0.3)  # 04's
 
@@ -95,16 +96,23 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_row(scale):
-    """Bytes of the four datasets at their official sizes: float32 N x 3 x 32 x 32 (writeup style) vs our
-    uint8 (MNIST grey held once, shown as RGB by expand()); and the process RSS while ours are held."""
+def hold_datasets(scale):
+    """Run in a fresh process: the four datasets at their official sizes (1/scale of them) in the loaders'
+    layout, uint8 N x 3 x 32 x 32 with MNIST's grey stored once and shown as RGB by expand(). Returns the bytes
+    of our storage, of the writeup's float32 storage (as ToTensor() yields), and the process RSS holding ours."""
     sizes = [max(1, n // scale) for n in (73257, 26032, 60000, 10000)]  # SVHN train, test; MNIST train, test
     ours = [torch.ones(n, 3, 32, 32, dtype=torch.uint8) for n in sizes[:2]]
     ours += [torch.ones(n, 1, 32, 32, dtype=torch.uint8).expand(-1, 3, -1, -1) for n in sizes[2:]]
-    rss = rss_bytes()
     ours_bytes = sum(t.untyped_storage().nbytes() for t in ours)
-    baseline_bytes = sum(4 * n * 3 * 32 * 32 for n in sizes)  # float32, as ToTensor() yields
-    return baseline_bytes / 2**20, ours_bytes / 2**20, rss / 2**20
+    return sum(4 * n * 3 * 32 * 32 for n in sizes), ours_bytes, rss_bytes()
+
+
+def memory_row(scale):
+    """(writeup MiB, ours MiB, RSS MiB) measured in a spawned process: this one holds the models and the
+    DataLoader's leftovers, which would be charged to the datasets."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        baseline, ours, rss = pool.apply(hold_datasets, (scale,))
+    return baseline / 2**20, ours / 2**20, rss / 2**20
 
 
 def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, compile=False):
@@ -118,19 +126,9 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
     labels = torch.randint(0, 10, (images,))
     on_device = data.to(device), labels.to(device)
     width = 16 if quick else 64
-    rows = []
-
-    def row(name, baseline, ours, unit, higher_is_better=True):
-        ratio = ours / baseline if higher_is_better else baseline / ours
-        rows.append(dict(name=name, baseline=baseline, ours=ours, unit=unit, ratio=ratio))
-
-    n_aug = min(images, 512)
+    n_aug, n_step, epoch_images = min(images, 512), min(images, 4 * batch_size), images - images % batch_size
+    step_data = on_device[0][:n_step], on_device[1][:n_step]
     generator = torch.Generator(device=device).manual_seed(0)
-    t_base = timed(lambda: augment_baseline(data[:n_aug], STACK), repeats, sync)
-    t_ours = timed(lambda: augment_ours(on_device[0][:n_aug], STACK, generator), repeats, sync)
-    row("augment", n_aug / t_base, n_aug / t_ours, "images/s")
-
-    n_step = min(images, 4 * batch_size)
     init = resnet18(width=width).state_dict()
 
     def fresh(channels_last):
@@ -138,21 +136,12 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
         model.load_state_dict(init)
         return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
-    fp32, ours_model = fresh(False), fresh(True)
-    subset = on_device[0][:n_step], on_device[1][:n_step]
-    t_base = timed(lambda: train_steps(fp32, *subset, batch_size, "fp32", False), repeats, sync)
-    t_ours = timed(lambda: train_steps(ours_model, *subset, batch_size, precision, True), repeats, sync)
-    row(f"train_step ({precision}, channels_last)", n_step / t_base, n_step / t_ours, "images/s")
-    if compile:
-        compiled = torch.compile(fresh(True))
-        t_comp = timed(lambda: train_steps(compiled, *subset, batch_size, precision, True), repeats, sync)
-        row(f"train_step compiled vs not ({precision})", n_step / t_ours, n_step / t_comp, "images/s")
+    fp32_model, base_model, our_model = fresh(False), fresh(False), fresh(True)
 
     # One epoch with augmentation: a DataLoader of per-image PIL transforms feeding an fp32 NCHW model,
     # against batches sliced on the device, augmented as tensors, bf16 + channels_last.
     loader = DataLoader(PerImage(data, labels, pil_transform(STACK)), batch_size=batch_size, shuffle=True,
                         num_workers=0 if quick else os.cpu_count(), drop_last=True)
-    base_model, our_model = fresh(False), fresh(True)
 
     def epoch_baseline():
         optimizer = torch.optim.SGD(base_model.parameters(), lr=0.01, momentum=0.9)
@@ -172,11 +161,6 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
             loss.backward()
             optimizer.step()
 
-    epoch_images = images - images % batch_size
-    t_base = timed(epoch_baseline, max(1, repeats - 1), sync)
-    t_ours = timed(epoch_ours, max(1, repeats - 1), sync)
-    row("epoch (augmented)", epoch_images / t_base, epoch_images / t_ours, "images/s")
-
     @torch.inference_mode()
     def evaluate(model, precision_, channels_last):
         model.eval()
@@ -187,12 +171,43 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
             with autocast(device, precision_):
                 model(inputs)
 
-    t_base = timed(lambda: evaluate(fp32, "fp32", False), repeats, sync)
-    t_ours = timed(lambda: evaluate(ours_model, precision, True), repeats, sync)
-    row("eval", images / t_base, images / t_ours, "images/s")
+    def fp32_steps():
+        return train_steps(fp32_model, *step_data, batch_size, "fp32", False)
 
+    # The writeup-style sides first, with glibc's default allocator settings, as a user's script runs ...
+    base = dict(augment=timed(lambda: augment_baseline(data[:n_aug], STACK), repeats, sync),
+                train_step=timed(fp32_steps, repeats, sync),
+                epoch=timed(epoch_baseline, max(1, repeats - 1), sync),
+                eval=timed(lambda: evaluate(fp32_model, "fp32", False), repeats, sync))
+    # ... then ours, with what fit() sets up; this cannot be undone within the process.
+    keep_freed_memory(device)
+    # Augmented in training batches, as fit() does: per-call overheads count.
+    ours = dict(augment=timed(lambda: [augment_ours(b, STACK, generator) for b in on_device[0][:n_aug].split(batch_size)],
+                              repeats, sync),
+                train_step=timed(lambda: train_steps(our_model, *step_data, batch_size, precision, True), repeats, sync),
+                epoch=timed(epoch_ours, max(1, repeats - 1), sync),
+                eval=timed(lambda: evaluate(our_model, precision, True), repeats, sync))
+    fp32_kept = timed(fp32_steps, repeats, sync)
+
+    rows = []
+
+    def row(name, detail, baseline, ours, unit, higher_is_better=True):
+        ratio = ours / baseline if higher_is_better else baseline / ours
+        rows.append(dict(name=name, detail=detail, baseline=baseline, ours=ours, unit=unit, ratio=ratio))
+
+    row("augment", f"04's stack: PIL per image vs batches of {batch_size}", n_aug / base["augment"], n_aug / ours["augment"], "images/s")
+    row("train_step", f"fp32 NCHW vs {precision} channels_last + allocator", n_step / base["train_step"], n_step / ours["train_step"], "images/s")
+    row("train_step_precision", f"both with the allocator setting: fp32 NCHW vs {precision} channels_last",
+        n_step / fp32_kept, n_step / ours["train_step"], "images/s")
+    if compile:
+        compiled = torch.compile(fresh(True))
+        t_comp = timed(lambda: train_steps(compiled, *step_data, batch_size, precision, True), repeats, sync)
+        row("train_step_compiled", f"{precision}: not compiled vs torch.compile", n_step / ours["train_step"], n_step / t_comp, "images/s")
+    row("epoch", f"augmented: DataLoader + PIL, fp32 vs uint8 on the device, {precision}", epoch_images / base["epoch"],
+        epoch_images / ours["epoch"], "images/s")
+    row("eval", f"fp32 NCHW vs {precision} channels_last + allocator", images / base["eval"], images / ours["eval"], "images/s")
     base_mb, ours_mb, total_mb = memory_row(scale=100 if quick else 1)
-    row("memory (4 datasets)", base_mb, ours_mb, "MiB", higher_is_better=False)
+    row("memory", "4 datasets: float32 vs uint8", base_mb, ours_mb, "MiB", higher_is_better=False)
     return dict(device=str(device), device_name=_device_name(device), precision=precision, images=images,
                 batch_size=batch_size, threads=torch.get_num_threads(), process_rss_mib=total_mb, rows=rows)
 
@@ -205,10 +220,12 @@ def _device_name(device):
 def table(result):
     lines = [f"device: {result['device_name']} ({result['device']}, {result['threads']} threads, {result['precision']}); "
              f"{result['images']} images, batch {result['batch_size']}",
-             f"{'':28} {'writeup style':>14} {'ours':>12} {'unit':>9} {'ratio':>7}"]
+             f"{'':20} {'writeup style':>14} {'ours':>12} {'unit':>9} {'ratio':>7}   sides"]
     for r in result["rows"]:
-        lines.append(f"{r['name']:28} {r['baseline']:14.1f} {r['ours']:12.1f} {r['unit']:>9} {r['ratio']:6.1f}x")
-    lines.append(f"process RSS while holding our four datasets (with torch and the models): {result['process_rss_mib']:.0f} MiB")
+        lines.append(f"{r['name']:20} {r['baseline']:14.1f} {r['ours']:12.1f} {r['unit']:>9} {r['ratio']:6.1f}x   "
+                     f"{r['detail']}")
+    lines.append(f"RSS of a fresh process (torch and the project imported) holding our four datasets: "
+                 f"{result['process_rss_mib']:.0f} MiB")
     return "\n".join(lines)
 
 

@@ -172,9 +172,9 @@ def train_experiment(cfg):
                    out / f"confusion_{cross}.png")
     plot_curves(progress, cfg.name, out)
     if cfg.augments:
-        originals = to_input(train[0][:8])
+        originals = train[0][:8]
         generator = epoch_generator(cfg.seed, -1, device)
-        plot_augmented(originals, [augment(originals, cfg, generator) for _ in range(4)], out / "augmented.png")
+        plot_augmented(originals / 255, [augment(originals, cfg, generator) for _ in range(4)], out / "augmented.png")
     save_torch(out / "model.pt", dict(config=dataclasses.asdict(cfg), model=progress.best_weights))
     metrics = dict(snapshot("finished"), test=test, confusion=confusion,
                    finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))

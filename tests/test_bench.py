@@ -27,8 +27,8 @@ def test_quick_bench_prints_every_row_and_writes_json(tmp_path, capsys):
     main(["--quick", "--json", str(tmp_path / "bench.json")])
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "bench.json").read_text())
-    names = [r["name"].split(" ")[0] for r in result["rows"]]
-    assert names == ["augment", "train_step", "epoch", "eval", "memory"]
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["augment", "train_step", "train_step_precision", "epoch", "eval", "memory"]
     for r in result["rows"]:
         assert r["baseline"] > 0 and r["ours"] > 0 and r["name"] in out
     memory = result["rows"][-1]
