@@ -10,6 +10,7 @@ import argparse
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -18,7 +19,7 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import augment
-from .config import Config
+from .config import Config, UserError
 from .models import resnet18
 from .train import autocast, batches, keep_freed_memory, pick_device, pick_precision, to_input
 
@@ -239,7 +240,15 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the code, not the speed")
     parser.add_argument("--json", help="also save the table as JSON here")
     args = parser.parse_args(argv)
-    result = bench(args.device, args.batch_size, args.images, args.repeats, args.quick, args.compile)
+    for flag in ("batch_size", "images", "repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.images < args.batch_size and not args.quick:
+        parser.error(f"--images {args.images} must be at least --batch-size {args.batch_size}: an epoch needs a full batch")
+    try:
+        result = bench(args.device, args.batch_size, args.images, args.repeats, args.quick, args.compile)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     print(table(result))
     if args.json:
         from .results import write_json

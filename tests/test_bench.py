@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from common import Config
@@ -33,3 +34,19 @@ def test_quick_bench_prints_every_row_and_writes_json(tmp_path, capsys):
         assert r["baseline"] > 0 and r["ours"] > 0 and r["name"] in out
     memory = result["rows"][-1]
     assert abs(memory["ratio"] - memory["baseline"] / memory["ours"]) < 1e-9
+
+
+@pytest.mark.parametrize("args, message", [(["--images", "0"], "--images must be >= 1"),
+                                           (["--images", "64", "--batch-size", "128"], "must be at least --batch-size"),
+                                           (["--device", "gpu"], "invalid choice")])
+def test_bad_flags_exit_2_with_the_reason(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_cuda_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--device", "cuda", "--quick"])
+    assert exit_.value.code == "error: --device cuda requested but torch sees no CUDA device"
