@@ -18,7 +18,6 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
-from .augment import augment
 from .config import Config, UserError
 from .models import resnet18
 from .train import autocast, batches, keep_freed_memory, pick_device, pick_precision, to_input
@@ -70,8 +69,9 @@ def augment_baseline(images, cfg):
     return torch.stack([transform(img) for img in images.cpu()])
 
 
-def augment_ours(images, cfg, generator):
-    return to_input(images, lambda x: augment(x, cfg, generator))
+def as_input(images, channels_last):
+    """Ours is the project's to_input; the writeup style is the same [0, 1] floats left NCHW."""
+    return to_input(images) if channels_last else images.float() / 255
 
 
 def train_steps(model, images, labels, batch_size, precision, channels_last):
@@ -80,11 +80,8 @@ def train_steps(model, images, labels, batch_size, precision, channels_last):
     model.train()
     total = 0.0
     for xb, yb in batches(images, labels, batch_size):
-        inputs = xb.float() / 255
-        if channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast(images.device, precision):
-            loss = F.cross_entropy(model(inputs).float(), yb)
+            loss = F.cross_entropy(model(as_input(xb, channels_last)).float(), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -155,7 +152,7 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
     def epoch_ours():
         optimizer = torch.optim.SGD(our_model.parameters(), lr=0.01, momentum=0.9)
         for xb, yb in batches(*on_device, batch_size, generator):
-            inputs = augment_ours(xb, STACK, generator)
+            inputs = to_input(xb, STACK, generator)
             with autocast(device, precision):
                 loss = F.cross_entropy(our_model(inputs).float(), yb)
             optimizer.zero_grad(set_to_none=True)
@@ -166,11 +163,8 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
     def evaluate(model, precision_, channels_last):
         model.eval()
         for xb, _ in batches(*on_device, 512):
-            inputs = xb.float() / 255
-            if channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
             with autocast(device, precision_):
-                model(inputs)
+                model(as_input(xb, channels_last))
 
     def fp32_steps():
         return train_steps(fp32_model, *step_data, batch_size, "fp32", False)
@@ -183,7 +177,7 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
     # ... then ours, with what fit() sets up; this cannot be undone within the process.
     keep_freed_memory(device)
     # Augmented in training batches, as fit() does: per-call overheads count.
-    ours = dict(augment=timed(lambda: [augment_ours(b, STACK, generator) for b in on_device[0][:n_aug].split(batch_size)],
+    ours = dict(augment=timed(lambda: [to_input(b, STACK, generator) for b in on_device[0][:n_aug].split(batch_size)],
                               repeats, sync),
                 train_step=timed(lambda: train_steps(our_model, *step_data, batch_size, precision, True), repeats, sync),
                 epoch=timed(epoch_ours, max(1, repeats - 1), sync),

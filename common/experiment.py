@@ -17,7 +17,7 @@ from .models import build_model, imagenet_weights_file
 from .results import (environment, load_checkpoint, plot_augmented, plot_confusion, plot_curves, run_dir,
                       save_checkpoint, save_figure, save_torch, set_rng_states, write_json)
 from .train import (Diverged, Progress, epoch_generator, evaluate, fit, make_optimizer, make_schedule, pick_device,
-                    pick_precision, steps_per_epoch, to_input)
+                    pick_precision, steps_per_epoch)
 
 QUICK_IMAGES = 256
 # What a model.pt fixes about the network: a run initialized from it (08) takes these from it.
