@@ -31,7 +31,7 @@ def bf16_native(device):
 
 def pick_precision(amp, device):
     """bf16 autocast where the hardware runs bf16 natively: with channels_last, 1.9x the train-step throughput
-    of fp32 NCHW on this machine's AVX512-BF16 CPU (206 vs 111 images/s, row train_step_precision of
+    of fp32 NCHW on this machine's AVX512-BF16 CPU (220 vs 114 images/s, row train_step_precision of
     `python -m common.bench`)."""
     if amp == "bf16" and not bf16_native(device):
         raise UserError(f"--amp bf16: {device.type} here has no native bf16; use --amp off")
@@ -44,7 +44,7 @@ def pick_precision(amp, device):
 def keep_freed_memory(device):
     """On CPU, stop glibc from giving freed blocks back to the OS (blocks over its mmap threshold, and the top
     of the heap over its trim threshold): each step would otherwise page-fault its buffers in afresh. Measured
-    here: 7,175 -> 200 minor page faults per 512-image augmentation, 11.3 -> 3.4 ms; fp32 train step 79 -> 111
+    here: 7,175 -> 200 minor page faults per 512-image augmentation, 11.3 -> 3.4 ms; fp32 train step 88 -> 114
     images/s (`python -m common.bench`). Freed memory is still reused: peak RSS of that check 1,470 -> 1,515 MiB.
     fit() calls it after the data is loaded, so the loaders' temporaries still go back to the OS. No-op off
     glibc and on CUDA (whose allocator caches already)."""
