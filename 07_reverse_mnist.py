@@ -3,12 +3,12 @@
 Question: how far does a model trained on clean MNIST digits carry over to street-view SVHN digits?
 Differs from 01_base in the training set (MNIST) and in the recipe: the architecture, optimizer,
 lr, label smoothing and augmentation of the finished 01-06 experiment with the best mean validation
-accuracy in results/ (metrics.json's config.inherited_from says which and why). With none finished
-yet, the recipe below is used: 04's (augmentation + label smoothing). Flags on the command line win
-over the inherited recipe; --no-inherit-best uses this file's recipe. Saves model.pt for 08.
-Two cross-domain choices are 07's own: each image standardized by its own statistics, and half the
-training images inverted. Measured on CPU (10k MNIST images, 5 epochs, seed 0, 486 real SVHN crops):
-SVHN test 8.85% without them, 34.77% with them; MNIST test 99.07% and 99.05%.
+accuracy in results/, ranked only among runs of one profile (same data, budget, validation) on the
+seeds they share (metrics.json's config.inherited_from says which and why; runs of several profiles
+are refused). With none finished yet, the recipe below is used: 04's (augmentation + label
+smoothing). Flags on the command line win over the inherited recipe; --no-inherit-best uses this
+file's recipe. Saves model.pt for 08. Two cross-domain choices are 07's own: each image standardized
+by its own statistics, and half the training images inverted (README: what they change).
     python 07_reverse_mnist.py [--train-subset 10000] [--epochs 5] [--quick]
 """
 from common import Config, cli, run

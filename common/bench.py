@@ -151,8 +151,8 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
 
     def epoch_ours():
         optimizer = torch.optim.SGD(our_model.parameters(), lr=0.01, momentum=0.9)
-        for xb, yb in batches(*on_device, batch_size, generator):
-            inputs = to_input(xb, STACK, generator)
+        for step, (xb, yb) in enumerate(batches(*on_device, batch_size, generator)):
+            inputs = to_input(xb, STACK, step)
             with autocast(device, precision):
                 loss = F.cross_entropy(our_model(inputs).float(), yb)
             optimizer.zero_grad(set_to_none=True)
@@ -177,7 +177,7 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
     # ... then ours, with what fit() sets up; this cannot be undone within the process.
     keep_freed_memory(device)
     # Augmented in training batches, as fit() does: per-call overheads count.
-    ours = dict(augment=timed(lambda: [to_input(b, STACK, generator) for b in on_device[0][:n_aug].split(batch_size)],
+    ours = dict(augment=timed(lambda: [to_input(b, STACK, i) for i, b in enumerate(on_device[0][:n_aug].split(batch_size))],
                               repeats, sync),
                 train_step=timed(lambda: train_steps(our_model, *step_data, batch_size, precision, True), repeats, sync),
                 epoch=timed(epoch_ours, max(1, repeats - 1), sync),

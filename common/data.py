@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import scipy.io
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ HOW_TO_PROVIDE = ("Run once with internet access to download it, or copy the off
 def load(dataset, split, root):
     """(images uint8 N x 3 x 32 x 32, labels int64 N) of one split of svhn or mnist under root."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--data-dir {root} is a file, not a folder")
     if dataset == "svhn":
         return _load_svhn(root, split)
     return _load_mnist(root, split)
@@ -41,15 +44,39 @@ def _download(root, files, fetch):
             missing = ", ".join(str(root / f) for f in files)
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise UserError(f"missing {missing} and the download failed ({reason}). {HOW_TO_PROVIDE}") from None
-        for f in files:
-            (root / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(Path(scratch) / f), root / f)
+        try:
+            for f in files:
+                (root / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(Path(scratch) / f), root / f)
+        except OSError as e:
+            raise UserError(f"could not move the downloaded {', '.join(map(str, files))} into {root} ({e.strerror or e})") from None
+
+
+def _readable(path):
+    """A file we may not open is a permission problem, not a corrupt file: say which."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
+
+
+def _check_labels(path, y, low, high):
+    """Finite integers in [low, high]: NaN passes a range check and then casts to a class."""
+    if y.dtype.kind not in "iuf" or len(y) == 0:
+        raise UserError(f"{path}: labels must be numbers, got {y.dtype} with {len(y)} entries")
+    if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all()):
+        bad = int((~np.isfinite(y) | (y != np.round(y))).sum())
+        raise UserError(f"{path}: {bad} label(s) are NaN, infinite or fractional; labels must be integers")
+    if y.min() < low or y.max() > high:
+        raise UserError(f"{path}: labels must lie in {low}..{high}, found {y.min():g}..{y.max():g}")
 
 
 def _load_svhn(root, split):
     path = root / SVHN_FILES[split]
     if not path.exists():
         _download(root, [path.name], lambda d: torchvision.datasets.SVHN(d, split=split, download=True))
+    _readable(path)
     try:
         mat = scipy.io.loadmat(path)
     except Exception as e:
@@ -63,8 +90,7 @@ def _load_svhn(root, split):
     y = y.reshape(-1)
     if len(y) != x.shape[3]:
         raise UserError(f"{path}: {x.shape[3]} images but {len(y)} labels")
-    if len(y) == 0 or y.min() < 1 or y.max() > 10:
-        raise UserError(f"{path}: labels must lie in 1..10 (10 is digit 0)")
+    _check_labels(path, y, 1, 10)  # 10 is digit 0
     images = torch.from_numpy(x).permute(3, 2, 0, 1).contiguous()
     labels = torch.from_numpy(y.astype("int64")) % 10
     return images, labels
@@ -72,6 +98,7 @@ def _load_svhn(root, split):
 
 def _check_idx(path, magic, ndim):
     """The IDX header torchvision's reader would assert on, checked here to name the file and the fault."""
+    _readable(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         header = f.read(4 + 4 * ndim)

@@ -2,6 +2,7 @@
 import dataclasses
 import random
 import shutil
+import signal
 import sys
 import textwrap
 import time
@@ -14,23 +15,37 @@ from . import data
 from .config import UserError
 from .augment import augment
 from .models import build_model, imagenet_weights_file
-from .results import (environment, load_checkpoint, plot_augmented, plot_confusion, plot_curves, run_dir,
-                      save_checkpoint, save_figure, save_torch, set_rng_states, write_json)
-from .train import (Diverged, Progress, epoch_generator, evaluate, fit, make_optimizer, make_schedule, pick_device,
-                    pick_precision, steps_per_epoch)
+from .results import (environment, load_checkpoint, plot_augmented, plot_confusion, plot_curves, read_torch,
+                      restore_checkpoint, run_dir, run_lock, save_checkpoint, save_figure, save_torch, saved_epochs,
+                      staging_dir, swap_in, write_json)
+from .train import (Diverged, Progress, configure_backends, evaluate, fit, grad_scaler, make_optimizer, make_schedule,
+                    pick_device, pick_precision, steps_per_epoch)
 
 QUICK_IMAGES = 256
 # What a model.pt fixes about the network: a run initialized from it (08) takes these from it.
 MODEL_FIELDS = ("arch", "norm", "input_norm", "width", "transfer_input")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, docker stop, Slurm's time limit) handled as Ctrl-C: progress saved, exit 143."""
+    exit_code = 143
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def run(cfg):
-    """Entry point of the numbered scripts: a user error is one line and exit 1, divergence exit 3,
-    Ctrl-C exit 130 (after saving what can be resumed)."""
+    """Entry point of the numbered scripts: a user error or a file-system fault is one line and exit 1,
+    divergence exit 3, Ctrl-C exit 130 and SIGTERM 143 (after saving what can be resumed)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         label_efficiency(cfg) if cfg.sweep else train_experiment(cfg)
     except UserError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # disk full, permissions, a folder where a file should be: nothing to debug in our code
+        where = f": {e.filename}" if e.filename else ""
+        sys.exit(f"error: {e.strerror or type(e).__name__}{where}")
 
 
 def resolve(cfg):
@@ -41,12 +56,23 @@ def resolve(cfg):
                                eval_subset=min(cfg.eval_subset or QUICK_IMAGES, QUICK_IMAGES))
 
 
+def labelled_split(labels, cfg):
+    """(train, val) indices into the training file. --train-subset N is the whole label budget: N images
+    drawn with the run's seed (so seeds resample which images are labelled), validation carved out of them.
+    Without it, validation is a fixed 5% of the file, the same for every run and seed."""
+    labelled = torch.arange(len(labels))
+    if cfg.train_subset:
+        labelled = data.stratified_subset(labels, cfg.train_subset, seed=cfg.seed, what="--train-subset")
+    train_pos, val_pos = data.split_train_val(len(labelled), cfg.val_fraction)
+    if len(train_pos) == 0:
+        raise UserError(f"--train-subset {len(labelled)} leaves no training image after the validation split")
+    return labelled[train_pos], labelled[val_pos]
+
+
 def load_data(cfg, device):
     """(train, val, {"svhn": test, "mnist": test}) as (uint8 images, labels) pairs on the device."""
     x, y = data.load(cfg.dataset, "train", cfg.data_dir)
-    train_idx, val_idx = data.split_train_val(len(y), cfg.val_fraction)
-    if cfg.train_subset:
-        train_idx = train_idx[data.stratified_subset(y[train_idx], cfg.train_subset, what="--train-subset")]
+    train_idx, val_idx = labelled_split(y, cfg)
     if cfg.eval_subset:
         val_idx = val_idx[data.stratified_subset(y[val_idx], min(cfg.eval_subset, len(val_idx)))]
     train = x[train_idx].to(device), y[train_idx].to(device)
@@ -71,10 +97,22 @@ def source_model(cfg):
     if not path.exists():
         raise UserError(f"no trained model at {path}: run `python {cfg.init_from}.py"
                         f"{' --quick' if cfg.quick else ''} --seed {cfg.seed}` first")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True), path
-    except Exception as e:
-        raise UserError(f"{path} is unreadable ({type(e).__name__}); rerun {cfg.init_from}.py") from None
+    source = read_torch(path, f"rerun {cfg.init_from}.py")
+    if not (isinstance(source.get("model"), dict) and all(k in source.get("config", {}) for k in MODEL_FIELDS)):
+        raise UserError(f"{path} lacks the model or its config (fields {', '.join(MODEL_FIELDS)}); rerun {cfg.init_from}.py")
+    return source, path
+
+
+def from_source(cfg, source, path):
+    """cfg with the network fields of the model it starts from; a conflicting flag is refused, not ignored."""
+    built = source["config"]
+    passed = set(cfg.overrides.split(",")) if cfg.overrides else set()
+    conflicts = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (the model has {built[k]!r})"
+                 for k in MODEL_FIELDS if k in passed and getattr(cfg, k) != built[k]]
+    if conflicts:
+        raise UserError(f"{cfg.name} fine-tunes {path}, whose network is fixed: drop {', '.join(conflicts)}, "
+                        f"or retrain {cfg.init_from} with them")
+    return dataclasses.replace(cfg, **{k: built[k] for k in MODEL_FIELDS})
 
 
 def seed_everything(seed):
@@ -88,51 +126,63 @@ def print_config(cfg):
     print(textwrap.fill(text, width=110, initial_indent="config: ", subsequent_indent="        "), flush=True)
 
 
-def train_experiment(cfg):
-    """Train, pick the epoch on validation, test on SVHN and MNIST, write results; returns metrics."""
-    started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
+def staging_for(out, cfg):
+    """Prepare out's staging folder (where the run writes everything until it swaps in whole): the checkpoint
+    to resume from, or None. Saved epochs are never discarded unless --restart says so."""
+    staging = staging_dir(out)
+    if cfg.resume:
+        return staging, load_checkpoint(staging / "checkpoint.pt", cfg)
+    saved = saved_epochs(staging / "checkpoint.pt")
+    if saved and not cfg.restart:
+        raise UserError(f"{staging} holds an interrupted run with {saved} epoch(s) saved: pass --resume to "
+                        "continue it, or --restart to discard it")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging, None
+
+
+def train_experiment(cfg, source=None):
+    """Train, pick the epoch on validation, test on SVHN and MNIST, write results; returns metrics.
+    `source`: (state, path) of the model to start from, when the caller has it already (08's sweep)."""
     cfg = resolve(cfg)
     out = run_dir(cfg)
-    partial = out / "partial"  # the run in progress; finished files land in `out` only at the end
-    try:
-        partial.mkdir(parents=True, exist_ok=True)
-        (partial / ".write-test").touch()
-    except OSError as e:
-        raise UserError(f"cannot write results to {partial} ({e.strerror}); pass a writable --results-dir") from None
+    with run_lock(out):
+        return _train(cfg, out, source)
+
+
+def _train(cfg, out, source):
+    started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.amp, device)
-    source = None
+    backends = configure_backends(device, cfg.deterministic)
     if cfg.init_from:
-        source, source_path = source_model(cfg)
-        cfg = dataclasses.replace(cfg, **{k: source["config"][k] for k in MODEL_FIELDS})
-    ckpt = load_checkpoint(partial / "checkpoint.pt", cfg) if cfg.resume else None
-    if cfg.arch == "imagenet_resnet18" and not (source or ckpt):
+        source = source or source_model(cfg)
+        cfg = from_source(cfg, *source)
+    staging, ckpt = staging_for(out, cfg)
+    if cfg.arch == "imagenet_resnet18" and cfg.pretrained and not (source or ckpt):
         imagenet_weights_file(cfg.weights)  # fail before the data is loaded, not after
     print_config(cfg)
 
     seed_everything(cfg.seed)
     train, val, tests = load_data(cfg, device)
-    model = build_model(cfg, *input_stats(train[0]), pretrained=source is None and ckpt is None)
+    model = build_model(cfg, *input_stats(train[0]), pretrained=cfg.pretrained and source is None and ckpt is None)
     if source:
-        model.load_state_dict(source["model"])
+        model.load_state_dict(source[0]["model"])
     model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
     schedule = make_schedule(cfg, optimizer, steps_per_epoch(len(train[1]), cfg.batch_size))
+    scaler = grad_scaler(device, precision)
     progress = Progress()
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
+        restore_checkpoint(ckpt, model, optimizer, schedule, scaler)
         progress = Progress(**ckpt["progress"])
-        set_rng_states(ckpt["rng"])
-        print(f"resuming after epoch {progress.epoch} from {partial / 'checkpoint.pt'}")
-    else:
-        (partial / "checkpoint.pt").unlink(missing_ok=True)
+        print(f"resuming after epoch {progress.epoch} from {staging / 'checkpoint.pt'}")
 
     metrics = dict(status="running", name=cfg.name, config=dataclasses.asdict(cfg), command=" ".join(sys.argv),
-                   started=started, **environment(device, precision),
+                   started=started, **environment(device, precision), grad_scaler=scaler.is_enabled(), **backends,
+                   labels_used=len(train[1]) + len(val[1]),
                    data=dict(train=len(train[1]), val=len(val[1]), **{f"test_{k}": len(v[1]) for k, v in tests.items()}),
-                   init_from=str(source_path) if source else None)
+                   init_from=str(source[1]) if source else None)
     elapsed_before = ckpt["progress"].get("elapsed", 0.0) if ckpt else 0.0
 
     def snapshot(status):
@@ -142,26 +192,48 @@ def train_experiment(cfg):
 
     def on_epoch_end(progress):
         progress.elapsed = elapsed_before + time.perf_counter() - t0
-        save_checkpoint(partial / "checkpoint.pt", cfg, model, optimizer, schedule, progress)
-        write_json(partial / "metrics.json", snapshot("running"))
+        save_checkpoint(staging / "checkpoint.pt", cfg, model, optimizer, schedule, scaler, progress)
+        write_json(staging / "metrics.json", snapshot("running"))
 
-    write_json(partial / "metrics.json", snapshot("running"))
+    def record_failure(status, **extra):
+        try:  # on a full disk this write fails too: the original error is the one to report
+            write_json(staging / "metrics.json", dict(snapshot(status), **extra))
+        except OSError:
+            pass
+
+    write_json(staging / "metrics.json", snapshot("running"))
     try:
-        fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epoch_end)
-    except KeyboardInterrupt:
-        write_json(partial / "metrics.json", snapshot("interrupted"))
-        done = f"{progress.epoch} epoch(s) are saved; resume with" if progress.epoch else "no epoch finished; rerun"
-        print(f"\ninterrupted: {done}: python {sys.argv[0]} {' '.join(sys.argv[1:])}"
-              f"{'' if cfg.resume or not progress.epoch else ' --resume'}", file=sys.stderr)
-        sys.exit(130)
+        fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epoch_end, scaler)
+        metrics = finish(cfg, model, progress, tests, train, device, precision, staging, snapshot)
+    except KeyboardInterrupt as e:
+        record_failure("interrupted")
+        saved = saved_epochs(staging / "checkpoint.pt")
+        done = f"{saved} epoch(s) are saved; resume with" if saved else "no epoch finished; rerun"
+        resume = " --resume" if saved and not cfg.resume else ""
+        print(f"\ninterrupted: {done}: python {sys.argv[0]} {' '.join(a for a in sys.argv[1:] if a != '--restart')}"
+              f"{resume}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 130))
     except Diverged as e:
-        write_json(partial / "metrics.json", dict(snapshot("diverged"), error=str(e)))
-        print(f"error: {e}. The last good checkpoint is {partial / 'checkpoint.pt'}", file=sys.stderr)
+        record_failure("diverged", error=str(e))
+        saved = saved_epochs(staging / "checkpoint.pt")
+        last = f"The last good checkpoint ({saved} epoch(s)) is {staging / 'checkpoint.pt'}" if saved else \
+            "No epoch finished before it"
+        print(f"error: {e}. {last}; this run's results were not written", file=sys.stderr)
         sys.exit(3)
     except BaseException as e:
-        write_json(partial / "metrics.json", dict(snapshot("failed"), error=f"{type(e).__name__}: {e}"))
+        record_failure("failed", error=f"{type(e).__name__}: {e}")
         raise
+    swap_in(staging, out)
+    print(f"test (epoch {progress.best_epoch}, chosen on validation): SVHN {100 * metrics['test']['svhn']:.2f}% | "
+          f"MNIST {100 * metrics['test']['mnist']:.2f}% | {metrics['wall_time_s']:.0f}s on {metrics['device_name']} "
+          f"({precision})")
+    print(f"wrote {out}/: {' '.join(sorted(p.name for p in out.iterdir()))}")
+    return metrics
 
+
+def finish(cfg, model, progress, tests, train, device, precision, staging, snapshot):
+    """Test the chosen epoch and write the finished set into staging: plots and model first, metrics.json
+    (status finished) last, so a staging folder with a finished metrics.json is complete."""
     model.load_state_dict(progress.best_weights)
     test, confusion = {}, {}
     for name, (x, y) in tests.items():
@@ -169,52 +241,51 @@ def train_experiment(cfg):
         confusion[name] = torch.bincount(y * 10 + preds, minlength=100).view(10, 10).tolist()
     cross = "mnist" if cfg.dataset == "svhn" else "svhn"
     plot_confusion(confusion[cross], f"{cfg.name}: {cross.upper()} test ({100 * test[cross]:.1f}%)",
-                   out / f"confusion_{cross}.png")
-    plot_curves(progress, cfg.name, out)
+                   staging / f"confusion_{cross}.png")
+    plot_curves(progress, cfg.name, staging)
     if cfg.augments:
         originals = train[0][:8]
-        generator = epoch_generator(cfg.seed, -1, device)
-        plot_augmented(originals / 255, [augment(originals, cfg, generator) for _ in range(4)], out / "augmented.png")
-    save_torch(out / "model.pt", dict(config=dataclasses.asdict(cfg), model=progress.best_weights))
+        plot_augmented(originals / 255, [augment(originals, cfg, key) for key in range(4)], staging / "augmented.png")
+    save_torch(staging / "model.pt", dict(config=dataclasses.asdict(cfg), model=progress.best_weights))
     metrics = dict(snapshot("finished"), test=test, confusion=confusion,
                    finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    write_json(out / "metrics.json", metrics)
-    shutil.rmtree(partial, ignore_errors=True)
-    print(f"test (epoch {progress.best_epoch}, chosen on validation): SVHN {100 * test['svhn']:.2f}% | "
-          f"MNIST {100 * test['mnist']:.2f}% | {metrics['wall_time_s']:.0f}s on {metrics['device_name']} ({precision})")
-    print(f"wrote {out}/: metrics.json loss.png accuracy.png confusion_{cross}.png model.pt"
-          + (" augmented.png" if cfg.augments else ""))
+    write_json(staging / "metrics.json", metrics)
+    (staging / "checkpoint.pt").unlink(missing_ok=True)
     return metrics
 
 
 def label_efficiency(cfg):
     """08 --sweep: SVHN test accuracy against the number of labelled SVHN images, fine-tuned from
-    cfg.init_from versus trained from scratch with the same budget."""
+    cfg.init_from versus trained from scratch with the same budget. Both arms build the same network
+    (cfg.init_from's), so only the initialization (and the lr it suits) differs."""
     import matplotlib.pyplot as plt
 
     cfg = resolve(cfg)
-    n_train = len(data.split_train_val(len(data.load(cfg.dataset, "train", cfg.data_dir)[1]), cfg.val_fraction)[0])
-    sizes = [n for n in cfg.sizes if n <= n_train]
+    source = source_model(cfg)
+    cfg = from_source(cfg, *source)
+    n_labelled = len(data.load(cfg.dataset, "train", cfg.data_dir)[1])
+    sizes = [n for n in cfg.sizes if n <= n_labelled]
     if len(sizes) < len(cfg.sizes):
-        print(f"sweep: skipping sizes above the {n_train} training images: {[n for n in cfg.sizes if n > n_train]}")
+        print(f"sweep: skipping sizes above the {n_labelled} labelled images: {[n for n in cfg.sizes if n > n_labelled]}")
     if not sizes:
-        raise UserError(f"--sweep-sizes: every size exceeds the {n_train} training images")
+        raise UserError(f"--sweep-sizes: every size exceeds the {n_labelled} labelled images")
+    out = run_dir(cfg)
     rows = []
     for n in sizes:
         for start in ("fine-tuned", "scratch"):
-            sub = dataclasses.replace(cfg, name=f"{cfg.name}/sweep/{start}-{n}", sweep=False, quick=False,
-                                      train_subset=n, init_from=cfg.init_from if start == "fine-tuned" else "")
-            if cfg.quick:  # keep the smoke profile's folder and caps without re-capping the sizes
-                sub = dataclasses.replace(sub, results_dir=f"{cfg.results_dir}/quick")
-            m = train_experiment(sub)
-            rows.append(dict(labels=n, start=start, svhn=m["test"]["svhn"], mnist=m["test"]["mnist"]))
-    out = run_dir(cfg)
+            fine_tuned = start == "fine-tuned"
+            sub = dataclasses.replace(cfg, name=f"{start}-{n}", sweep=False, quick=False, train_subset=n,
+                                      results_dir=str(out.parent / "sweep"), init_from=cfg.init_from if fine_tuned else "",
+                                      lr=cfg.lr if fine_tuned else cfg.scratch_lr, overrides="")
+            m = train_experiment(sub, source if fine_tuned else None)
+            rows.append(dict(labels=n, labels_used=m["labels_used"], start=start, lr=sub.lr,
+                             svhn=m["test"]["svhn"], mnist=m["test"]["mnist"]))
     write_json(out / "sweep.json", dict(config=dataclasses.asdict(cfg), rows=rows))
     fig, ax = plt.subplots(figsize=(6, 4))
     for start in ("fine-tuned", "scratch"):
         points = [(r["labels"], 100 * r["svhn"]) for r in rows if r["start"] == start]
         ax.plot(*zip(*points), "o-", label=f"{start}" + (f" from {cfg.init_from}" if start == "fine-tuned" else ""))
-    ax.set(xscale="log", xlabel="labelled SVHN training images", ylabel="SVHN test accuracy (%)",
+    ax.set(xscale="log", xlabel="labelled SVHN images (train + validation)", ylabel="SVHN test accuracy (%)",
            title="label efficiency")
     ax.legend()
     save_figure(fig, out / "label_efficiency.png")

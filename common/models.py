@@ -11,6 +11,23 @@ from .config import UserError
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+class StridedPointwise(nn.Conv2d):
+    """A 1x1 convolution with stride s computed as subsampling then a stride-1 1x1 convolution: the same
+    numbers and state dict as nn.Conv2d(c_in, c_out, 1, s). torch 2.14.1's CPU weight gradient of a strided
+    1x1 convolution on channels_last input crashes the process (segfault or heap corruption) for every odd
+    batch size >= 3, seen here; this path does not."""
+
+    def forward(self, x):
+        s = self.stride[0]
+        return F.conv2d(x[..., ::s, ::s], self.weight, self.bias)
+
+    @classmethod
+    def like(cls, conv):
+        new = cls(conv.in_channels, conv.out_channels, 1, conv.stride, bias=conv.bias is not None)
+        new.load_state_dict(conv.state_dict())
+        return new
+
+
 def norm_layer(norm, channels):
     return nn.BatchNorm2d(channels) if norm == "batch" else nn.Identity()
 
@@ -25,7 +42,7 @@ class BasicBlock(nn.Module):
         self.bn2 = norm_layer(norm, c_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=bias), norm_layer(norm, c_out))
+            self.shortcut = nn.Sequential(StridedPointwise(c_in, c_out, 1, stride, bias=bias), norm_layer(norm, c_out))
         # Without BN nothing rescales the residual stream, which grows with depth until the loss overflows:
         # each branch gets a learnable scalar gain starting at zero (SkipInit, De & Smith 2020), so every
         # block starts as the identity, and norm="none" trains at lr 0.05-0.1 without diverging.
@@ -61,7 +78,7 @@ class ResNet(nn.Module):
 
     def forward(self, x):
         x = self.layers(self.stem(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc(x.mean((2, 3)))  # adaptive_avg_pool2d's CUDA backward is not deterministic; a mean is
 
 
 def resnet18(num_classes=10, norm="batch", width=64):
@@ -86,6 +103,13 @@ class StandardizeImage(nn.Module):
     def forward(self, x):
         mean = x.mean((1, 2, 3), keepdim=True)
         return (x - mean) / x.std((1, 2, 3), keepdim=True).clamp(min=1e-2)
+
+
+class GlobalAvgPool(nn.Module):
+    """torchvision's AdaptiveAvgPool2d(1) as a mean: same numbers, and a deterministic CUDA backward."""
+
+    def forward(self, x):
+        return x.mean((2, 3), keepdim=True)
 
 
 class Resize(nn.Module):
@@ -119,9 +143,10 @@ def imagenet_resnet18(transfer_input="upsample64", weights="", pretrained=True, 
     """torchvision's ResNet-18 with ImageNet weights, fed 32x32 digits in one of three ways.
 
     upsample64  (default) 2x bilinear upsampling and no max-pool: layer1 sees 32x32 maps as in our
-                ResNet, every pretrained weight is kept, and a step costs about what our ResNet-18 costs.
-    upsample224 the ImageNet resolution: the most faithful, about 49x the compute of upsample64's blocks.
-    stem3x3     a new 3x3 stride-1 stem and no max-pool: cheapest, but the first conv starts from scratch.
+                ResNet, every pretrained weight is kept, and a forward costs what our ResNet-18's does.
+    upsample224 the ImageNet resolution and stem: the most faithful, and the most compute.
+    stem3x3     a new 3x3 stride-1 stem and no max-pool: the first conv starts from scratch.
+    Forward FLOPs of each, counted: flops_per_image() and README "Speed".
     """
     net = torchvision.models.resnet18()
     if pretrained:
@@ -131,6 +156,10 @@ def imagenet_resnet18(transfer_input="upsample64", weights="", pretrained=True, 
         except Exception as e:
             raise UserError(f"{path} is not a ResNet-18 state dict ({type(e).__name__}: {str(e)[:200]})") from None
     net.fc = nn.Linear(net.fc.in_features, num_classes)
+    net.avgpool = GlobalAvgPool()
+    for block in (*net.layer2, *net.layer3, *net.layer4):
+        if block.downsample is not None:
+            block.downsample[0] = StridedPointwise.like(block.downsample[0])
     layers = []
     if transfer_input == "stem3x3":
         net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
@@ -143,11 +172,22 @@ def imagenet_resnet18(transfer_input="upsample64", weights="", pretrained=True, 
     return layers, net
 
 
+def flops_per_image(model):
+    """Forward FLOPs (multiply-add = 2) of one 32x32 image, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(torch.rand(1, 3, 32, 32, device=next(model.parameters()).device))
+    return counter.get_total_flops()
+
+
 def build_model(cfg, mean, std, pretrained=True):
     """The network of a config, with input normalization in front. `pretrained=False` skips ImageNet
-    weights, for models whose state is loaded from a checkpoint right after."""
+    weights: 05's control (cfg.pretrained), or a model whose state is loaded right after."""
+    if cfg.input_norm == "image":  # for the ImageNet network too: its inputs then have the scale it expects
+        front = StandardizeImage()
+    else:
+        front = Normalize(IMAGENET_MEAN, IMAGENET_STD) if cfg.arch == "imagenet_resnet18" else Normalize(mean, std)
     if cfg.arch == "imagenet_resnet18":
-        front, net = imagenet_resnet18(cfg.transfer_input, cfg.weights, pretrained)
-        return nn.Sequential(Normalize(IMAGENET_MEAN, IMAGENET_STD), *front, net)
-    front = StandardizeImage() if cfg.input_norm == "image" else Normalize(mean, std)
+        resize, net = imagenet_resnet18(cfg.transfer_input, cfg.weights, pretrained)
+        return nn.Sequential(front, *resize, net)
     return nn.Sequential(front, resnet18(10, cfg.norm, cfg.width))

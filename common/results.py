@@ -1,10 +1,13 @@
 """Where a run's files go, and writing them so that none is ever half-written: metrics.json, plots,
 checkpoints, the model, and reading finished runs back (for 07's recipe and the report)."""
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -20,13 +23,66 @@ import torchvision
 from .config import RECIPE_FIELDS, UserError
 
 # Fields that may change between an interrupted run and its --resume without changing the result.
-RESUMABLE_CHANGES = {"resume", "data_dir", "results_dir"}
+RESUMABLE_CHANGES = {"resume", "restart", "data_dir", "results_dir", "overrides", "inherited_from"}
+UMASK = os.umask(0)
+os.umask(UMASK)  # read once: mkstemp's files are 0600, ours get what the user's umask allows
 
 
 def run_dir(cfg):
     """<results-dir>[/quick]/<name>/seed-<seed>: smoke runs never overwrite real ones."""
     root = Path(cfg.results_dir) / "quick" if cfg.quick else Path(cfg.results_dir)
     return root / cfg.name / f"seed-{cfg.seed}"
+
+
+def staging_dir(out):
+    """Where a run of `out` writes everything (checkpoint, live metrics.json, then the finished files)."""
+    return out.with_name(out.name + ".partial")
+
+
+@contextlib.contextmanager
+def run_lock(out):
+    """One run per folder at a time: a second run of the same experiment and seed is refused, not raced.
+    The lock is the kernel's (flock), so a killed run never leaves a stale one."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=".write-test-")  # a new file: an old one proves nothing
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write results to {out.parent} ({e.strerror}); pass a writable --results-dir") from None
+    with open(out.with_name(out.name + ".lock"), "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise UserError(f"another run is writing {out} (pid {lock.read().strip() or '?'}); "
+                            "wait for it, or pass another --seed or --results-dir") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        recover_swap(out)
+        yield
+
+
+def swap_in(staging, out):
+    """Replace the finished set `out` by `staging` whole: two renames, and recover_swap() completes or undoes
+    a swap that a crash cut between them. Never a folder mixing two runs."""
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_swap(out):
+    old, staging = out.with_name(out.name + ".old"), staging_dir(out)
+    if not old.exists():
+        return
+    if not out.exists():
+        metrics, _ = read_metrics(staging / "metrics.json")
+        os.replace(staging if metrics and metrics.get("status") == "finished" else old, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _atomic(path, write):
@@ -37,6 +93,7 @@ def _atomic(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -48,7 +105,7 @@ def write_text(path, text):
 
 
 def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1) + "\n")
+    write_text(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")  # bare NaN is not JSON
 
 
 def save_torch(path, obj):
@@ -95,19 +152,55 @@ def set_rng_states(states):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(path, cfg, model, optimizer, schedule, progress):
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "schedule", "scaler", "progress", "rng")
+
+
+def save_checkpoint(path, cfg, model, optimizer, schedule, scaler, progress):
     save_torch(path, dict(config=dataclasses.asdict(cfg), model=model.state_dict(), optimizer=optimizer.state_dict(),
-                          schedule=schedule.state_dict(), progress=dict(vars(progress)), rng=rng_states()))
+                          schedule=schedule.state_dict(), scaler=scaler.state_dict(), progress=dict(vars(progress)),
+                          rng=rng_states()))
+
+
+def restore_checkpoint(ckpt, model, optimizer, schedule, scaler):
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["schedule"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_states(ckpt["rng"])
+
+
+def read_torch(path, remedy):
+    """torch.load(weights_only=True) of one of our files as a dict, or a UserError naming it and the remedy."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
+    except Exception as e:
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); {remedy}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is not one of this project's files; {remedy}")
+    return obj
+
+
+def saved_epochs(path):
+    """How many epochs a checkpoint holds (0 when there is none or it is unreadable: nothing to lose)."""
+    if not path.exists():
+        return 0
+    try:
+        return read_torch(path, "")["progress"]["epoch"]
+    except (UserError, KeyError, TypeError):
+        return 0
 
 
 def load_checkpoint(path, cfg):
     """The checkpoint of an interrupted run of this very config, or a UserError saying why not."""
     if not path.exists():
         raise UserError(f"--resume: nothing to resume, no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"--resume: {path} is unreadable ({type(e).__name__}); delete it and start afresh") from None
+    remedy = "start afresh with --restart"
+    ckpt = read_torch(path, remedy)
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict):
+        raise UserError(f"--resume: {path} lacks {', '.join(missing) or 'a config'}; {remedy}")
     differs = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
                if k not in RESUMABLE_CHANGES and getattr(cfg, k, None) != v}
     if differs:
@@ -170,30 +263,66 @@ def plot_augmented(originals, versions, path):
 
 # --- finished runs ---------------------------------------------------------------------------------------
 
+FINISHED_KEYS = dict(config=dict, test=dict, data=dict, best_val_acc=float, wall_time_s=float, device_name=str,
+                     precision=str)
+
+
 def read_metrics(path):
-    """A finished run's metrics.json, or None with the reason when it is unreadable or not ours."""
+    """A metrics.json, or None with the reason when it is unreadable or not ours. Finished runs are checked
+    for every key the report and 07's recipe choice read."""
     try:
         metrics = json.loads(Path(path).read_text())
-        if not (isinstance(metrics, dict) and "config" in metrics and "test" in metrics):
-            return None, "not a metrics.json of this project"
-        return metrics, None
     except (OSError, ValueError) as e:
         return None, f"unreadable ({type(e).__name__})"
+    if not (isinstance(metrics, dict) and isinstance(metrics.get("config"), dict)):
+        return None, "not a metrics.json of this project"
+    if metrics.get("status") == "finished":
+        bad = [k for k, kind in FINISHED_KEYS.items()
+               if not isinstance(metrics.get(k), (int, float) if kind is float else kind)]
+        bad += [f"test.{k}" for k in ("svhn", "mnist") if not isinstance(metrics.get("test", {}).get(k), (int, float))]
+        if bad:
+            return None, f"finished, but lacks or garbles {', '.join(bad)}"
+    return metrics, None
+
+
+PROFILE_FIELDS = ("dataset", "train_subset", "eval_subset", "val_fraction", "epochs")
 
 
 def best_recipe(cfg):
-    """The recipe (RECIPE_FIELDS) of the finished 01-06 runs with the best mean validation accuracy,
-    among runs of the same profile (quick runs only choose among quick runs)."""
+    """The recipe (RECIPE_FIELDS) of the finished 01-06 experiment with the best mean validation accuracy,
+    ranked only among comparable runs: one profile (PROFILE_FIELDS: same data, budget and validation) and the
+    seeds every competitor finished. Runs of several profiles are refused, not mixed. Quick runs only choose
+    among quick runs."""
     root = run_dir(cfg).parent.parent
-    scores = {}
+    runs, skipped = {}, []
     for path in sorted(root.glob("0[1-6]_*/seed-*/metrics.json")):
-        metrics, _ = read_metrics(path)
-        if metrics and metrics.get("status") == "finished":
-            scores.setdefault(path.parent.parent.name, []).append((metrics["best_val_acc"], metrics["config"]))
-    if not scores:
+        metrics, problem = read_metrics(path)
+        if metrics is None:
+            skipped.append(path)
+        elif metrics.get("status") == "finished":
+            config = metrics["config"]
+            if any(k not in config for k in PROFILE_FIELDS + ("seed",)):
+                skipped.append(path)
+                continue
+            profile = tuple(config[k] for k in PROFILE_FIELDS)
+            runs.setdefault(profile, {}).setdefault(path.parent.parent.name, {})[config["seed"]] = metrics
+    if skipped:
+        print(f"07's recipe: skipping unreadable or incomplete runs: {', '.join(map(str, skipped))}")
+    if not runs:
         return {}, f"no finished 01-06 run in {root}: the script's own recipe"
-    name, runs = max(scores.items(), key=lambda kv: np.mean([acc for acc, _ in kv[1]]))
-    mean = np.mean([acc for acc, _ in runs])
-    recipe = {k: runs[0][1][k] for k in RECIPE_FIELDS if k in runs[0][1]}
-    return recipe, (f"{name}: best mean validation accuracy {100 * mean:.2f}% over {len(runs)} seed(s) "
-                    f"among {len(scores)} finished 01-06 experiment(s) in {root}")
+    if len(runs) > 1:
+        shown = "; ".join(", ".join(f"{k}={v}" for k, v in zip(PROFILE_FIELDS, p)) + f" ({', '.join(sorted(e))})"
+                          for p, e in runs.items())
+        raise UserError(f"--inherit-best: the finished 01-06 runs in {root} are not comparable (profiles: {shown}); "
+                        "keep one profile there, pass another --results-dir, or --no-inherit-best")
+    (profile, experiments), = runs.items()
+    seeds = sorted(set.intersection(*(set(by_seed) for by_seed in experiments.values())))
+    if not seeds:
+        raise UserError(f"--inherit-best: the finished 01-06 experiments in {root} share no seed "
+                        f"({', '.join(f'{e}: {sorted(s)}' for e, s in experiments.items())}); --no-inherit-best")
+    scores = {name: np.mean([by_seed[s]["best_val_acc"] for s in seeds]) for name, by_seed in experiments.items()}
+    name = max(scores, key=scores.get)
+    config = experiments[name][seeds[0]]["config"]
+    recipe = {k: config[k] for k in RECIPE_FIELDS if k in config}
+    return recipe, (f"{name}: best mean validation accuracy {100 * scores[name]:.2f}% over seeds {seeds} among "
+                    f"{len(scores)} finished 01-06 experiment(s) of one profile in {root}")

@@ -2,6 +2,7 @@
 import ctypes
 import functools
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,21 +24,55 @@ def pick_device(name):
     return torch.device(name)
 
 
-def bf16_native(device):
+CPUINFO = "/proc/cpuinfo"  # a module constant so that tests can point it at another CPU's answers
+
+
+def cpu_has_native_bf16():
+    """AVX512-BF16 or AMX (x86), or the bf16 extension (Arm): bf16 matmuls in hardware. Plain AVX-512 only
+    emulates them, slower than fp32, so it does not count."""
+    try:
+        with open(CPUINFO) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+
+
+def native_bf16(device):
+    """torch.cuda.is_bf16_supported() is True on pre-Ampere cards too (it counts emulation): ask the capability."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return cpu_has_native_bf16()
 
 
 def pick_precision(amp, device):
-    """bf16 autocast where the hardware runs bf16 natively: with channels_last, 1.9x the train-step throughput
-    of fp32 NCHW on this machine's AVX512-BF16 CPU (220 vs 114 images/s, row train_step_precision of
-    `python -m common.bench`)."""
-    if amp == "bf16" and not bf16_native(device):
-        raise UserError(f"--amp bf16: {device.type} here has no native bf16; use --amp off")
+    """bf16 autocast where the hardware runs bf16 natively; fp16 autocast with a GradScaler on older CUDA
+    cards (T4, V100: tensor cores do fp16 only); fp32 elsewhere. The speed-up: README "Speed"."""
+    if amp == "bf16" and not native_bf16(device):
+        hint = "--amp fp16 (compute capability < 8.0)" if device.type == "cuda" else "--amp off"
+        raise UserError(f"--amp bf16: this {device.type} has no native bf16; use {hint}")
     if amp == "auto":
-        return "bf16" if bf16_native(device) else "fp32"
-    return "bf16" if amp == "bf16" else "fp32"
+        return "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
+    return "fp32" if amp == "off" else amp
+
+
+def grad_scaler(device, precision):
+    """fp16's narrow range underflows small gradients: scale the loss up, unscale before the step. A no-op
+    unless fp16."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def configure_backends(device, deterministic):
+    """cuDNN autotuning on (our shapes never change) unless deterministic kernels are asked for; returns what
+    now holds, for metrics.json."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic)
+    ampere = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    tf32 = dict(matmul=torch.backends.cuda.matmul.allow_tf32, cudnn=torch.backends.cudnn.allow_tf32) if ampere else None
+    return dict(deterministic=deterministic, cudnn_benchmark=torch.backends.cudnn.benchmark, tf32=tf32)
 
 
 @functools.cache
@@ -61,14 +96,21 @@ def keep_freed_memory(device):
 
 
 def autocast(device, precision):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
-def to_input(images_uint8, augment_cfg=None, generator=None):
-    """uint8 batch -> float in [0, 1], augmented as augment_cfg says when one is given, then channels_last:
-    faster convolutions on CUDA and on this CPU alike (fp32 train step 90 vs 70 images/s here)."""
-    x = images_uint8.float() / 255 if augment_cfg is None else augment(images_uint8, augment_cfg, generator)
+def to_input(images_uint8, augment_cfg=None, key=0):
+    """uint8 batch -> float in [0, 1], augmented as augment_cfg says when one is given (random draws from
+    `key`), then channels_last: faster convolutions on CUDA and on CPUs alike."""
+    x = images_uint8.float() / 255 if augment_cfg is None else augment(images_uint8, augment_cfg, key)
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def augment_key(seed, epoch, step):
+    """The augmentation draws of one batch: a function of (seed, epoch, step) alone, so a resumed run replays
+    them, and computed on the host, so no device sync per step."""
+    return (seed * 1_000_003 + epoch) * 1_000_003 + step
 
 
 def steps_per_epoch(n_images, batch_size):
@@ -76,7 +118,7 @@ def steps_per_epoch(n_images, batch_size):
 
 
 def epoch_generator(seed, epoch, device):
-    """Batch order and augmentation of an epoch depend only on (seed, epoch): a resumed run replays them."""
+    """Batch order of an epoch depends only on (seed, epoch): a resumed run replays it."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
@@ -101,9 +143,21 @@ def make_optimizer(cfg, model):
                            weight_decay=cfg.weight_decay)
 
 
+def one_cycle(step, total, warmup):
+    """lr / peak at `step` of `total`: cosine ramp from 1/25 to 1 over the warm-up, cosine down to 1/250,000 at
+    the last step (OneCycleLR's shape and defaults). Written out because OneCycleLR divides by zero when the
+    warm-up rounds to one step (5 steps at warm-up 0.2); valid for any total >= 1."""
+    start, end = 1 / 25, 1 / 25 / 1e4
+    ramp = max(1, round(warmup * total))
+    if step < ramp:
+        return start + (1 - start) * (1 - math.cos(math.pi * step / ramp)) / 2
+    fall = min(1.0, (step - ramp) / max(1, total - 1 - ramp))
+    return end + (1 - end) * (1 + math.cos(math.pi * fall)) / 2
+
+
 def make_schedule(cfg, optimizer, steps_per_epoch):
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                               pct_start=cfg.warmup, cycle_momentum=False)
+    total = cfg.epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(one_cycle, total=total, warmup=cfg.warmup))
 
 
 @torch.inference_mode()
@@ -124,10 +178,20 @@ def loss_function(cfg):
     return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
 
+# Cross-entropy over 10 classes starts near ln 10 = 2.3; a loss of 1,000 means logit margins of 1,000 the wrong
+# way: blown up, even if finite (--lr 1e6 gave a train loss of 7e10 and a validation loss of 9e34, once recorded
+# as finished). Not lower: a healthy BN run's early validation loss reached 57 on the test fixture.
+DIVERGED_LOSS = 1e3
+
+
+def diverged(loss):
+    return not math.isfinite(loss) or loss > DIVERGED_LOSS
+
+
 class Diverged(Exception):
-    def __init__(self, epoch, step, loss):
-        super().__init__(f"loss became {loss} at epoch {epoch}, step {step}: the run diverged; "
-                         "try a lower --lr (or --norm batch)")
+    def __init__(self, epoch, step, loss, what="loss"):
+        super().__init__(f"{what} became {loss:.4g} at epoch {epoch}{f', step {step}' if step else ''}: the run "
+                         "diverged; try a lower --lr (or --norm batch)")
 
 
 @dataclass
@@ -142,10 +206,12 @@ class Progress:
     elapsed: float = 0.0                            # wall seconds so far, across resumes
 
 
-def fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epoch_end=lambda progress: None):
+def fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epoch_end=lambda progress: None,
+        scaler=None):
     """Train from progress.epoch to cfg.epochs; after each epoch evaluate on validation, keep the best
     weights (model selection never looks at a test set) and call on_epoch_end (checkpointing)."""
     x, y = train
+    scaler = scaler or grad_scaler(x.device, precision)
     keep_freed_memory(x.device)
     loss_fn = loss_function(cfg)
     step_model = torch.compile(model) if cfg.compile else model
@@ -158,27 +224,30 @@ def fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epo
         bar = tqdm(batches(x, y, cfg.batch_size, generator), total=steps, leave=False,
                    desc=f"epoch {epoch + 1}", disable=None)
         for step, (xb, yb) in enumerate(bar):
-            inputs = to_input(xb, cfg if cfg.augments else None, generator)
+            inputs = to_input(xb, cfg if cfg.augments else None, augment_key(cfg.seed, epoch, step))
             with autocast(x.device, precision):
                 logits = step_model(inputs)
             loss = loss_fn(logits.float(), yb)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             losses.append(loss.detach())
             correct += (logits.argmax(1) == yb).sum()
             # Reading the loss forces a device sync: do it every 10 steps, not every step.
             if step % 10 == 0 or step == steps - 1:
                 value = loss.item()
-                if not math.isfinite(value):
+                if diverged(value):
                     raise Diverged(epoch + 1, step + 1, value)
                 bar.set_postfix(loss=f"{value:.3f}")
         step_losses = torch.stack(losses).float().tolist()
-        bad = [i for i, v in enumerate(step_losses) if not math.isfinite(v)]
+        bad = [i for i, v in enumerate(step_losses) if diverged(v)]
         if bad:
             raise Diverged(epoch + 1, bad[0] + 1, step_losses[bad[0]])
         val_loss, val_acc, _ = evaluate(model, *val, precision)
+        if diverged(val_loss):
+            raise Diverged(epoch + 1, None, val_loss, "validation loss")
         record = dict(epoch=epoch + 1, train_loss=sum(step_losses) / len(step_losses),
                       train_acc=correct.item() / (len(step_losses) * min(cfg.batch_size, len(x))),
                       val_loss=val_loss, val_acc=val_acc, lr=schedule.get_last_lr()[0],

@@ -12,7 +12,7 @@ from common.train import to_input
 def test_both_sides_see_the_same_images():
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     identity = Config()  # zero strengths: both pipelines must return exactly the input images
-    assert torch.allclose(augment_baseline(images, identity), to_input(images, identity, torch.Generator()),
+    assert torch.allclose(augment_baseline(images, identity), to_input(images, identity, 0),
                           atol=1e-5)
     labels = torch.randint(0, 10, (8,))
     torch.manual_seed(0)

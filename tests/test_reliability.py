@@ -50,19 +50,19 @@ def test_killed_rerun_keeps_old_results_and_resume_equals_uninterrupted(data_dir
     finished = {p: (out / p).read_bytes() for p in ("metrics.json", "loss.png", "accuracy.png")}
 
     rerun = start(data_dir, tmp_path / "quiet")
-    epoch_seconds = wait_for_first_epoch(out / "partial", rerun)
+    epoch_seconds = wait_for_first_epoch(out.with_name("seed-0.partial"), rerun)
     time.sleep(epoch_seconds / 2)  # into the middle of epoch 2
     rerun.send_signal(signal.SIGKILL)
     rerun.wait()
     assert all((out / p).read_bytes() == b for p, b in finished.items())  # the killed rerun clobbered nothing
-    assert json.loads((out / "partial" / "metrics.json").read_text())["status"] == "running"
+    assert json.loads((out.with_name("seed-0.partial") / "metrics.json").read_text())["status"] == "running"
 
     resumed = start(data_dir, tmp_path / "quiet", "--resume")
     stdout, stderr = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, stderr
     assert "resuming after epoch" in stdout
     resumed_metrics = json.loads((out / "metrics.json").read_text())
-    assert resumed_metrics["status"] == "finished" and not (out / "partial").exists()
+    assert resumed_metrics["status"] == "finished" and not out.with_name("seed-0.partial").exists()
     uninterrupted = json.loads(finished["metrics.json"])
     for record in uninterrupted["history"]:
         record.pop("seconds")
@@ -71,7 +71,7 @@ def test_killed_rerun_keeps_old_results_and_resume_equals_uninterrupted(data_dir
 
 def test_ctrl_c_saves_and_says_how_to_resume(data_dir, tmp_path):
     process = start(data_dir, tmp_path)
-    partial = tmp_path / "01_base" / "seed-0" / "partial"
+    partial = tmp_path / "01_base" / "seed-0.partial"
     wait_for_first_epoch(partial, process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
@@ -87,8 +87,10 @@ def test_divergence_stops_with_one_line_and_status(data_dir, tmp_path):
                            "--data-dir", str(data_dir), "--results-dir", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 3
-    assert done.stderr.strip().startswith("error: loss became") and "--lr" in done.stderr
-    metrics = json.loads((tmp_path / "quick" / "02_no_bn" / "seed-0" / "partial" / "metrics.json").read_text())
+    message = done.stderr.strip()
+    assert message.startswith("error: ") and "loss became" in message and "--lr" in message and "\n" not in message
+    assert "No epoch finished" in message  # it names no checkpoint that does not exist
+    metrics = json.loads((tmp_path / "quick" / "02_no_bn" / "seed-0.partial" / "metrics.json").read_text())
     assert metrics["status"] == "diverged"
     assert not (tmp_path / "quick" / "02_no_bn" / "seed-0" / "metrics.json").exists()
 
@@ -132,13 +134,14 @@ def test_bad_inputs_one_line_errors_and_results_intact(finished_run, tmp_path, c
 
 def test_resume_with_another_config_names_the_fields(finished_run, capsys):
     cfg, out, _ = finished_run
-    (out / "partial").mkdir()
+    out.with_name("seed-0.partial").mkdir()
     from common.results import save_checkpoint
     import torch
     from common.train import Progress
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=2)
-    save_checkpoint(out / "partial" / "checkpoint.pt", cfg, model, optimizer, schedule, Progress())
+    save_checkpoint(out.with_name("seed-0.partial") / "checkpoint.pt", cfg, model, optimizer, schedule,
+                    torch.amp.GradScaler("cpu", enabled=False), Progress())
     message = exits_with_error(dataclasses.replace(cfg, resume=True, lr=0.5, epochs=3), capsys)
     assert "--epochs 1 (now 3)" in message and "--lr 0.1 (now 0.5)" in message

@@ -42,11 +42,12 @@ def test_every_script_quick_end_to_end_then_report(data_dir, tmp_path, torch_hom
         metrics = json.loads((out / "metrics.json").read_text())
         assert METRIC_KEYS <= set(metrics) and metrics["status"] == "finished"
         assert all(0 <= metrics["test"][k] <= 1 for k in ("svhn", "mnist"))
-        assert metrics["config"]["epochs"] == 1 and metrics["data"]["train"] == 256
-        assert len(metrics["steps"]) == 2 and len(metrics["history"]) == 1
+        assert metrics["config"]["epochs"] == 1 and metrics["labels_used"] == 256
+        assert metrics["data"]["train"] + metrics["data"]["val"] == 256  # the validation split comes out of the budget
+        assert len(metrics["steps"]) == 1 and len(metrics["history"]) == 1
         for png in ("loss.png", "accuracy.png", f"confusion_{'svhn' if script.startswith('07') else 'mnist'}.png"):
             assert (out / png).read_bytes()[:4] == b"\x89PNG", png
-        assert not (out / "partial").exists()
+        assert not out.with_name("seed-0.partial").exists()
     assert (tmp_path / "quick" / "04_augmentation" / "seed-0" / "augmented.png").exists()
     reverse = json.loads((tmp_path / "quick" / "07_reverse_mnist" / "seed-0" / "metrics.json").read_text())
     assert reverse["config"]["dataset"] == "mnist" and "best mean validation accuracy" in reverse["config"]["inherited_from"]
