@@ -4,11 +4,13 @@ One row per experiment: test accuracies as mean ± std over seeds (percent), the
 them, and where each number came from. Smoke (--quick) runs get their own table, never mixed with results.
 """
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from .results import read_metrics, write_text
+from .config import Parser
+from .results import finished_files, read_metrics, write_text
 
 # The writeup's test accuracies (%) in ../shared/seeds/: (SVHN, MNIST); None where it gives none.
 WRITEUP = {
@@ -57,7 +59,7 @@ def row(name, runs, link_root):
 def collect(root):
     """{experiment: [finished metrics]} under root, and the files skipped with why."""
     found, skipped = {}, []
-    for path in sorted(root.glob("*/seed-*/metrics.json")):
+    for path in finished_files(root, "*"):
         metrics, problem = read_metrics(path)
         if metrics is None:
             skipped.append(f"{path}: {problem}")
@@ -87,12 +89,17 @@ def summary(results_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", default="results", help="where the runs are (default: results)")
     args = parser.parse_args(argv)
+    if not Path(args.results_dir).is_dir():
+        sys.exit(f"error: --results-dir {args.results_dir} is not a folder")
     text = summary(args.results_dir)
     out = Path(args.results_dir) / "summary.md"
-    write_text(out, text)
+    try:
+        write_text(out, text)
+    except OSError as e:
+        sys.exit(f"error: cannot write {out} ({e.strerror or type(e).__name__})")
     print(text + f"\nwrote {out}")
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import tempfile
@@ -79,9 +80,12 @@ def recover_swap(out):
     old, staging = out.with_name(out.name + ".old"), staging_dir(out)
     if not old.exists():
         return
-    if not out.exists():
-        metrics, _ = read_metrics(staging / "metrics.json")
-        os.replace(staging if metrics and metrics.get("status") == "finished" else old, out)
+    if not out.exists():  # finish() writes the staged metrics.json last: "finished" there means the set is whole
+        try:
+            complete = json.loads((staging / "metrics.json").read_text()).get("status") == "finished"
+        except (OSError, ValueError, AttributeError):
+            complete = False
+        os.replace(staging if complete else old, out)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -267,6 +271,12 @@ FINISHED_KEYS = dict(config=dict, test=dict, data=dict, best_val_acc=float, wall
                      precision=str)
 
 
+def finished_files(root, experiments):
+    """root/<experiment>/seed-<K>/metrics.json: finished sets only (not .partial staging nor .old)."""
+    return [p for p in sorted(Path(root).glob(f"{experiments}/seed-*/metrics.json"))
+            if re.fullmatch(r"seed-\d+", p.parent.name)]
+
+
 def read_metrics(path):
     """A metrics.json, or None with the reason when it is unreadable or not ours. Finished runs are checked
     for every key the report and 07's recipe choice read."""
@@ -282,6 +292,10 @@ def read_metrics(path):
         bad += [f"test.{k}" for k in ("svhn", "mnist") if not isinstance(metrics.get("test", {}).get(k), (int, float))]
         if bad:
             return None, f"finished, but lacks or garbles {', '.join(bad)}"
+        path = Path(path)
+        where = (metrics["config"].get("name"), f"seed-{metrics['config'].get('seed')}")
+        if where != (path.parent.parent.name, path.parent.name):
+            return None, f"its config says {'/'.join(map(str, where))}: moved or renamed, not counted here"
     return metrics, None
 
 
@@ -295,7 +309,7 @@ def best_recipe(cfg):
     among quick runs."""
     root = run_dir(cfg).parent.parent
     runs, skipped = {}, []
-    for path in sorted(root.glob("0[1-6]_*/seed-*/metrics.json")):
+    for path in finished_files(root, "0[1-6]_*"):
         metrics, problem = read_metrics(path)
         if metrics is None:
             skipped.append(path)

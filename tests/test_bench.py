@@ -4,16 +4,23 @@ import pytest
 import torch
 
 from common import Config
-from common.bench import augment_baseline, main, train_steps
+import torchvision.transforms as T
+from torchvision.transforms import v2
+
+from common.bench import STACK, main, train_steps, v2_transform
 from common.models import resnet18
 from common.train import to_input
 
 
 def test_both_sides_see_the_same_images():
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    identity = Config()  # zero strengths: both pipelines must return exactly the input images
-    assert torch.allclose(augment_baseline(images, identity), to_input(images, identity, 0),
-                          atol=1e-5)
+    identity = Config()  # zero strengths: every pipeline must return exactly the input images
+    conventional = v2.Compose([v2.RandomAffine(0), v2.ToDtype(torch.float32, scale=True)])
+    ours = to_input(images, identity, 0)
+    assert torch.allclose(torch.stack([conventional(img) for img in images]), ours, atol=1e-5)
+    assert torch.allclose(torch.stack([T.Compose([T.ToPILImage(), T.ToTensor()])(img) for img in images]), ours, atol=1e-5)
+    out = torch.stack([v2_transform(STACK)(img) for img in images])  # 04's stack in v2 keeps shape, dtype, range
+    assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
     labels = torch.randint(0, 10, (8,))
     torch.manual_seed(0)
     init = resnet18(width=8).state_dict()
@@ -30,11 +37,17 @@ def test_quick_bench_prints_every_row_and_writes_json(tmp_path, capsys):
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "bench.json").read_text())
     names = [r["name"] for r in result["rows"]]
-    assert names == ["augment", "train_step", "train_step_precision", "epoch", "eval", "memory"]
+    assert names == ["augment", "augment_writeup", "train_step", "train_step_allocator", "epoch", "epoch_precision",
+                     "epoch_writeup", "eval", "memory"]
     for r in result["rows"]:
         assert r["baseline"] > 0 and r["ours"] > 0 and r["name"] in out
+        if r["unit"] == "images/s":  # per-core figures divide by the cores both sides had
+            assert abs(r["ours_per_core"] * result["cores"] - r["ours"]) < 1e-6
     memory = result["rows"][-1]
     assert abs(memory["ratio"] - memory["baseline"] / memory["ours"]) < 1e-9
+    assert "uint8" in memory["detail"] and memory["baseline"] < 2 * memory["ours"]  # uint8 against uint8
+    assert "other processes used" in out and result["others_load_before"] is not None
+    assert 3.0 < result["flops_g"]["imagenet_resnet18 upsample224 (05)"] / result["flops_g"]["imagenet_resnet18 upsample64 (05)"] < 3.4
 
 
 @pytest.mark.parametrize("args, message", [(["--images", "0"], "--images must be >= 1"),

@@ -39,3 +39,26 @@ def test_help_shows_why_comments(capsys):
     out = capsys.readouterr().out
     assert "--batch-size" in out and "--no-augment" not in out
     assert "peak of the one-cycle schedule (default: 0.05)" in out
+
+
+def test_flag_types_come_from_the_annotations():
+    assert cli(Config(rotate=15), ["--rotate", "12.5"]).rotate == 12.5  # a script's int literal, a float field
+    assert cli(BASE, ["--epochs", "3"]).epochs == 3
+    with pytest.raises(SystemExit):
+        cli(BASE, ["--epochs", "2.5"])
+
+
+@pytest.mark.parametrize("argv", [["--rotate", "inf"], ["--rotate", "nan"], ["--lr", "inf"], ["--momentum", "nan"],
+                                  ["--weight-decay", "nan"], ["--seed", "-1"], ["--momentum", "1.5"],
+                                  ["--val-fraction", "0.99"], ["--width", "0"], ["--rotate", "1000"],
+                                  ["--name", "../elsewhere"], ["--name", "04_augmentation"], ["--resume", "--restart"]])
+def test_out_of_range_and_non_finite_flags_are_two_lines(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(BASE, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 2 and "error:" in err[0] and "--help" in err[1], err
+
+
+def test_non_finite_config_in_code_is_rejected():
+    with pytest.raises(UserError, match="finite"):
+        Config(lr=float("nan"))

@@ -12,6 +12,8 @@ def metrics(svhn, mnist, seed, **config):
 
 def write(path, obj):
     path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(obj, dict) and "config" in obj:
+        obj["config"].setdefault("name", path.parent.parent.name)
     path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
 
 
@@ -48,3 +50,27 @@ Skipped files:
     assert summary(tmp_path) == expected
     main(["--results-dir", str(tmp_path)])
     assert (tmp_path / "summary.md").read_text() == expected
+
+
+def test_report_skips_and_names_broken_or_foreign_runs(tmp_path, capsys):
+    write(tmp_path / "01_base/seed-0/metrics.json", metrics(0.95, 0.60, 0))
+    broken = metrics(0.9, 0.9, 1)
+    del broken["wall_time_s"], broken["test"]["mnist"]
+    write(tmp_path / "01_base/seed-1/metrics.json", broken)
+    write(tmp_path / "04_augmentation/seed-0/metrics.json", metrics(0.99, 0.99, 0, name="01_base"))  # renamed
+    write(tmp_path / "01_base/seed-2.partial/metrics.json", metrics(0.1, 0.1, 2))  # a staging folder: not a result
+    text = summary(tmp_path)
+    assert "| 01_base | 95.00 | 60.00 |" in text and "04_augmentation |" not in text
+    assert f"{tmp_path}/01_base/seed-1/metrics.json: finished, but lacks or garbles wall_time_s, test.mnist" in text
+    assert f"{tmp_path}/04_augmentation/seed-0/metrics.json: its config says 01_base/seed-0" in text
+
+
+def test_report_output_errors_are_one_line(tmp_path):
+    import pytest
+    with pytest.raises(SystemExit) as exit_:
+        main(["--results-dir", str(tmp_path / "missing")])
+    assert exit_.value.code == f"error: --results-dir {tmp_path / 'missing'} is not a folder"
+    (tmp_path / "summary.md").mkdir()  # something that cannot be replaced by a file
+    with pytest.raises(SystemExit) as exit_:
+        main(["--results-dir", str(tmp_path)])
+    assert str(exit_.value.code).startswith(f"error: cannot write {tmp_path / 'summary.md'}")

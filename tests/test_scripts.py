@@ -62,6 +62,13 @@ def test_every_script_quick_end_to_end_then_report(data_dir, tmp_path, torch_hom
     assert [(r["labels"], r["start"]) for r in sweep["rows"]] == [
         (32, "fine-tuned"), (32, "scratch"), (64, "fine-tuned"), (64, "scratch")]
     assert (tmp_path / "quick" / "08_finetune_svhn" / "seed-0" / "label_efficiency.png").exists()
+    assert [r["labels_used"] for r in sweep["rows"]] == [32, 32, 64, 64]  # validation inside the budget
+    arms = {start: json.loads((tmp_path / "quick" / "08_finetune_svhn" / "sweep" / f"{start}-64" / "seed-0" /
+                               "metrics.json").read_text())["config"] for start in ("fine-tuned", "scratch")}
+    built = reverse["config"]
+    for field in ("arch", "norm", "input_norm", "width", "transfer_input"):  # one network: only the start differs
+        assert arms["fine-tuned"][field] == arms["scratch"][field] == built[field], field
+    assert arms["scratch"]["lr"] == arms["scratch"]["scratch_lr"] and arms["scratch"]["init_from"] == ""
 
     from common.report import main
     main(["--results-dir", str(tmp_path)])
