@@ -223,7 +223,6 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
                 epoch=timed(lambda: epoch_from(conventional, conventional_model, precision, True), repeats, sync),
                 epoch_writeup=timed(lambda: epoch_from(writeup, writeup_model, "fp32", False), max(1, repeats - 1), sync),
                 eval=timed(lambda: evaluate(fp32_model, "fp32", False), repeats, sync))
-    del conventional, writeup  # their workers exit before ours are timed
     # ... then ours, with what fit() sets up; this cannot be undone within the process.
     keep_freed_memory(device)
     augment_batches = on_device[0][:epoch_images].split(batch_size)

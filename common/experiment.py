@@ -167,15 +167,22 @@ def _train(cfg, out, source):
     train, val, tests = load_data(cfg, device)
     model = build_model(cfg, *input_stats(train[0]), pretrained=cfg.pretrained and source is None and ckpt is None)
     if source:
-        model.load_state_dict(source[0]["model"])
+        try:
+            model.load_state_dict(source[0]["model"])
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise UserError(f"{source[1]} does not fit the network its config describes ({str(e).splitlines()[0][:160]}); "
+                            f"rerun {cfg.init_from}.py") from None
     model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
     schedule = make_schedule(cfg, optimizer, steps_per_epoch(len(train[1]), cfg.batch_size))
     scaler = grad_scaler(device, precision)
     progress = Progress()
     if ckpt:
-        restore_checkpoint(ckpt, model, optimizer, schedule, scaler)
-        progress = Progress(**ckpt["progress"])
+        restore_checkpoint(ckpt, staging / "checkpoint.pt", model, optimizer, schedule, scaler)
+        try:
+            progress = Progress(**ckpt["progress"])
+        except TypeError:
+            raise UserError(f"--resume: {staging / 'checkpoint.pt'} has no readable progress; start afresh with --restart") from None
         print(f"resuming after epoch {progress.epoch} from {staging / 'checkpoint.pt'}")
 
     metrics = dict(status="running", name=cfg.name, config=dataclasses.asdict(cfg), command=" ".join(sys.argv),

@@ -165,12 +165,16 @@ def save_checkpoint(path, cfg, model, optimizer, schedule, scaler, progress):
                           rng=rng_states()))
 
 
-def restore_checkpoint(ckpt, model, optimizer, schedule, scaler):
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    schedule.load_state_dict(ckpt["schedule"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_states(ckpt["rng"])
+def restore_checkpoint(ckpt, path, model, optimizer, schedule, scaler):
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_states(ckpt["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"--resume: {path} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                        "start afresh with --restart") from None
 
 
 def read_torch(path, remedy):

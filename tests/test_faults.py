@@ -3,8 +3,6 @@ nothing finished ever lost or mixed."""
 import dataclasses
 import fcntl
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,8 +14,7 @@ import torch
 
 from common import Config, UserError, data, run
 from common.train import one_cycle
-from conftest import ROOT, make_data_dir, run_script
-from test_reliability import start, wait_for_first_epoch
+from conftest import ROOT, run_script
 
 SMALL = Config(width=8, epochs=1, train_subset=64, eval_subset=32)
 
@@ -121,18 +118,6 @@ def test_08_refuses_network_flags_that_conflict_with_07s_model(data_dir, tmp_pat
     run(dataclasses.replace(cfg, overrides=""))  # not passed: 07's network is taken, and metrics.json says so
     built = json.loads((tmp_path / "08_finetune_svhn/seed-0/metrics.json").read_text())["config"]
     assert (built["width"], built["input_norm"]) == (8, "image")
-
-
-def test_sigterm_is_ctrl_c_and_the_run_resumes(data_dir, tmp_path):
-    process = start(data_dir, tmp_path)
-    staging = tmp_path / "01_base" / "seed-0.partial"
-    wait_for_first_epoch(staging, process)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 143 and "--resume" in stderr and "Traceback" not in stderr
-    assert json.loads((staging / "metrics.json").read_text())["status"] == "interrupted"
-    resumed = start(data_dir, tmp_path, "--resume")
-    assert resumed.wait(timeout=240) == 0, resumed.stderr.read()
 
 
 def test_a_second_run_of_the_same_folder_is_refused(data_dir, tmp_path):

@@ -69,17 +69,21 @@ def test_killed_rerun_keeps_old_results_and_resume_equals_uninterrupted(data_dir
     assert comparable(out / "metrics.json") == {k: uninterrupted[k] for k in COMPARED}
 
 
-def test_ctrl_c_saves_and_says_how_to_resume(data_dir, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])  # SIGTERM: kill, docker, Slurm
+def test_ctrl_c_and_sigterm_save_and_say_how_to_resume(data_dir, tmp_path, sig, code):
     process = start(data_dir, tmp_path)
     partial = tmp_path / "01_base" / "seed-0.partial"
     wait_for_first_epoch(partial, process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode == code
     assert "--resume" in stderr and "Traceback" not in stderr
     metrics = json.loads((partial / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and len(metrics["history"]) >= 1
     assert (partial / "checkpoint.pt").exists()
+    if sig == signal.SIGTERM:
+        resumed = start(data_dir, tmp_path, "--resume")
+        assert resumed.wait(timeout=240) == 0, resumed.stderr.read()
 
 
 def test_divergence_stops_with_one_line_and_status(data_dir, tmp_path):
