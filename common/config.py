@@ -3,6 +3,7 @@ import argparse
 import dataclasses
 import inspect
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class Config:
     device: str = "auto"            # auto | cpu | cuda
     amp: str = "auto"               # auto: bf16 on native hardware (CUDA >= 8.0, CPUs with AVX512-BF16/AMX), fp16 + GradScaler on older CUDA, else fp32 | bf16 | fp16 | off
     deterministic: bool = False     # deterministic kernels, cuDNN autotuning off: exact resume on CUDA (CPU is exact anyway)
+    sync_bn: bool = True            # under torchrun on CUDA: one set of BatchNorm statistics across ranks (CPU/gloo: per rank)
     compile: bool = False           # torch.compile the model (slow start; see README Speed)
     quick: bool = False             # smoke profile: 256 images, 1 epoch, under <results-dir>/quick/
     resume: bool = False            # continue the interrupted run of this config from its checkpoint
@@ -143,7 +145,8 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is the error and one line pointing at --help, not the whole usage."""
 
     def error(self, message):
-        sys.stderr.write(f"{self.prog}: error: {message}\nsee `{self.prog} --help`\n")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+            sys.stderr.write(f"{self.prog}: error: {message}\nsee `{self.prog} --help`\n")
         sys.exit(2)
 
 

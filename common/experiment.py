@@ -1,4 +1,5 @@
 """run(cfg): what every numbered script calls. Data, model, fit(), test, and results written in place."""
+import contextlib
 import dataclasses
 import random
 import shutil
@@ -11,7 +12,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from . import data
+from . import data, distributed
 from .config import UserError
 from .augment import augment
 from .models import build_model, imagenet_weights_file
@@ -38,14 +39,17 @@ def _on_sigterm(signum, frame):
 def run(cfg):
     """Entry point of the numbered scripts: a user error or a file-system fault is one line and exit 1,
     divergence exit 3, Ctrl-C exit 130 and SIGTERM 143 (after saving what can be resumed)."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    if distributed.is_main():  # other ranks write nothing: SIGTERM's default, immediate exit, suits them
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         label_efficiency(cfg) if cfg.sweep else train_experiment(cfg)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    except UserError as e:  # under torchrun every rank meets it (same inputs, or on_main): rank 0 says it
+        sys.exit(f"error: {e}" if distributed.is_main() else 1)
     except OSError as e:  # disk full, permissions, a folder where a file should be: nothing to debug in our code
         where = f": {e.filename}" if e.filename else ""
         sys.exit(f"error: {e.strerror or type(e).__name__}{where}")
+    finally:
+        distributed.shutdown()
 
 
 def resolve(cfg):
@@ -128,17 +132,21 @@ def print_config(cfg):
 
 def staging_for(out, cfg):
     """Prepare out's staging folder (where the run writes everything until it swaps in whole): the checkpoint
-    to resume from, or None. Saved epochs are never discarded unless --restart says so."""
+    to resume from, or None. Saved epochs are never discarded unless --restart says so. Under torchrun rank 0
+    prepares the folder and every rank reads the checkpoint."""
     staging = staging_dir(out)
-    if cfg.resume:
-        return staging, load_checkpoint(staging / "checkpoint.pt", cfg)
-    saved = saved_epochs(staging / "checkpoint.pt")
-    if saved and not cfg.restart:
-        raise UserError(f"{staging} holds an interrupted run with {saved} epoch(s) saved: pass --resume to "
-                        "continue it, or --restart to discard it")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging, None
+
+    def prepare():
+        if cfg.resume:
+            return
+        saved = saved_epochs(staging / "checkpoint.pt")
+        if saved and not cfg.restart:
+            raise UserError(f"{staging} holds an interrupted run with {saved} epoch(s) saved: pass --resume to "
+                            "continue it, or --restart to discard it")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    distributed.on_main(prepare)
+    return staging, load_checkpoint(staging / "checkpoint.pt", cfg) if cfg.resume else None
 
 
 def train_experiment(cfg, source=None):
@@ -146,13 +154,14 @@ def train_experiment(cfg, source=None):
     `source`: (state, path) of the model to start from, when the caller has it already (08's sweep)."""
     cfg = resolve(cfg)
     out = run_dir(cfg)
-    with run_lock(out):
-        return _train(cfg, out, source)
+    device = distributed.setup(pick_device(cfg.device))
+    with contextlib.ExitStack() as held:
+        distributed.on_main(lambda: held.enter_context(run_lock(out)))  # rank 0 alone writes
+        return _train(cfg, out, device, source)
 
 
-def _train(cfg, out, source):
+def _train(cfg, out, device, source):
     started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
-    device = pick_device(cfg.device)
     precision = pick_precision(cfg.amp, device)
     backends = configure_backends(device, cfg.deterministic)
     if cfg.init_from:
@@ -161,7 +170,9 @@ def _train(cfg, out, source):
     staging, ckpt = staging_for(out, cfg)
     if cfg.arch == "imagenet_resnet18" and cfg.pretrained and not (source or ckpt):
         imagenet_weights_file(cfg.weights)  # fail before the data is loaded, not after
-    print_config(cfg)
+    main = distributed.is_main()
+    if main:
+        print_config(cfg)
 
     seed_everything(cfg.seed)
     train, val, tests = load_data(cfg, device)
@@ -183,11 +194,14 @@ def _train(cfg, out, source):
             progress = Progress(**ckpt["progress"])
         except TypeError:
             raise UserError(f"--resume: {staging / 'checkpoint.pt'} has no readable progress; start afresh with --restart") from None
-        print(f"resuming after epoch {progress.epoch} from {staging / 'checkpoint.pt'}")
+        if main:
+            print(f"resuming after epoch {progress.epoch} from {staging / 'checkpoint.pt'}")
 
     metrics = dict(status="running", name=cfg.name, config=dataclasses.asdict(cfg), command=" ".join(sys.argv),
                    started=started, **environment(device, precision), grad_scaler=scaler.is_enabled(), **backends,
-                   labels_used=len(train[1]) + len(val[1]),
+                   labels_used=len(train[1]) + len(val[1]), world_size=distributed.world_size(),
+                   backend=distributed.backend(),
+                   batchnorm_stats="synchronized" if distributed.synchronized_bn(device, cfg) else "per process",
                    data=dict(train=len(train[1]), val=len(val[1]), **{f"test_{k}": len(v[1]) for k, v in tests.items()}),
                    init_from=str(source[1]) if source else None)
     elapsed_before = ckpt["progress"].get("elapsed", 0.0) if ckpt else 0.0
@@ -199,20 +213,29 @@ def _train(cfg, out, source):
 
     def on_epoch_end(progress):
         progress.elapsed = elapsed_before + time.perf_counter() - t0
+        if not main:
+            return
         save_checkpoint(staging / "checkpoint.pt", cfg, model, optimizer, schedule, scaler, progress)
         write_json(staging / "metrics.json", snapshot("running"))
 
     def record_failure(status, **extra):
+        if not main:
+            return
         try:  # on a full disk this write fails too: the original error is the one to report
             write_json(staging / "metrics.json", dict(snapshot(status), **extra))
         except OSError:
             pass
 
-    write_json(staging / "metrics.json", snapshot("running"))
+    if main:
+        write_json(staging / "metrics.json", snapshot("running"))
     try:
         fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epoch_end, scaler)
+        if not main:
+            return None
         metrics = finish(cfg, model, progress, tests, train, device, precision, staging, snapshot)
     except KeyboardInterrupt as e:
+        if not main:  # rank 0 says it; torchrun stops the others
+            sys.exit(getattr(e, "exit_code", 130))
         record_failure("interrupted")
         saved = saved_epochs(staging / "checkpoint.pt")
         done = f"{saved} epoch(s) are saved; resume with" if saved else "no epoch finished; rerun"
@@ -221,6 +244,8 @@ def _train(cfg, out, source):
               f"{resume}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 130))
     except Diverged as e:
+        if not main:
+            sys.exit(3)
         record_failure("diverged", error=str(e))
         saved = saved_epochs(staging / "checkpoint.pt")
         last = f"The last good checkpoint ({saved} epoch(s)) is {staging / 'checkpoint.pt'}" if saved else \
@@ -285,8 +310,12 @@ def label_efficiency(cfg):
                                       results_dir=str(out.parent / "sweep"), init_from=cfg.init_from if fine_tuned else "",
                                       lr=cfg.lr if fine_tuned else cfg.scratch_lr, overrides="")
             m = train_experiment(sub, source if fine_tuned else None)
+            if m is None:  # not rank 0: rank 0 collects
+                continue
             rows.append(dict(labels=n, labels_used=m["labels_used"], start=start, lr=sub.lr,
                              svhn=m["test"]["svhn"], mnist=m["test"]["mnist"]))
+    if not distributed.is_main():
+        return rows
     write_json(out / "sweep.json", dict(config=dataclasses.asdict(cfg), rows=rows))
     fig, ax = plt.subplots(figsize=(6, 4))
     for start in ("fine-tuned", "scratch"):

@@ -154,7 +154,8 @@ def imagenet_resnet18(transfer_input="upsample64", weights="", pretrained=True, 
         try:
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:
-            raise UserError(f"{path} is not a ResNet-18 state dict ({type(e).__name__}: {str(e)[:200]})") from None
+            reason = " ".join(str(e).split())[:200]  # torch's message spans lines: one line here
+            raise UserError(f"{path} is not a ResNet-18 state dict ({type(e).__name__}: {reason})") from None
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     net.avgpool = GlobalAvgPool()
     for block in (*net.layer2, *net.layer3, *net.layer4):

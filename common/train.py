@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import distributed
 from .augment import augment
 from .config import UserError
 
@@ -209,12 +210,19 @@ class Progress:
 def fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epoch_end=lambda progress: None,
         scaler=None):
     """Train from progress.epoch to cfg.epochs; after each epoch evaluate on validation, keep the best
-    weights (model selection never looks at a test set) and call on_epoch_end (checkpointing)."""
+    weights (model selection never looks at a test set) and call on_epoch_end (checkpointing). Under
+    torchrun each rank trains on its slice of the same global batch (DDP averages the gradients); losses
+    are averaged over ranks and rank 0's validation result is every rank's, so all choose the same epoch."""
     x, y = train
     scaler = scaler or grad_scaler(x.device, precision)
     keep_freed_memory(x.device)
     loss_fn = loss_function(cfg)
-    step_model = torch.compile(model) if cfg.compile else model
+    world, rank = distributed.world_size(), distributed.rank()
+    if min(cfg.batch_size, len(x)) % world:
+        raise UserError(f"--batch-size {min(cfg.batch_size, len(x))} (the global batch) must be divisible by the {world} "
+                        "processes")
+    step_model = distributed.wrap(model, x.device, cfg.sync_bn)
+    step_model = torch.compile(step_model) if cfg.compile else step_model
     steps = steps_per_epoch(len(x), cfg.batch_size)
     for epoch in range(progress.epoch, cfg.epochs):
         start = time.perf_counter()
@@ -222,9 +230,12 @@ def fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epo
         generator = epoch_generator(cfg.seed, epoch, x.device)
         losses, correct = [], torch.zeros((), device=x.device, dtype=torch.long)
         bar = tqdm(batches(x, y, cfg.batch_size, generator), total=steps, leave=False,
-                   desc=f"epoch {epoch + 1}", disable=None)
+                   desc=f"epoch {epoch + 1}", disable=None if distributed.is_main() else True)
         for step, (xb, yb) in enumerate(bar):
-            inputs = to_input(xb, cfg if cfg.augments else None, augment_key(cfg.seed, epoch, step))
+            if world > 1:  # this rank's slice of the global batch
+                xb, yb = xb.chunk(world)[rank], yb.chunk(world)[rank]
+            key = augment_key(cfg.seed, epoch, step) * world + rank
+            inputs = to_input(xb, cfg if cfg.augments else None, key)
             with autocast(x.device, precision):
                 logits = step_model(inputs)
             loss = loss_fn(logits.float(), yb)
@@ -235,17 +246,19 @@ def fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epo
             schedule.step()
             losses.append(loss.detach())
             correct += (logits.argmax(1) == yb).sum()
-            # Reading the loss forces a device sync: do it every 10 steps, not every step.
+            # Reading the loss forces a device sync: do it every 10 steps, not every step. Averaged over ranks,
+            # so a NaN on one rank stops all of them at the same step.
             if step % 10 == 0 or step == steps - 1:
-                value = loss.item()
+                value = distributed.mean(loss.detach()).item()
                 if diverged(value):
                     raise Diverged(epoch + 1, step + 1, value)
                 bar.set_postfix(loss=f"{value:.3f}")
-        step_losses = torch.stack(losses).float().tolist()
+        step_losses = distributed.mean(torch.stack(losses).float()).tolist()
+        correct = distributed.total(correct)
         bad = [i for i, v in enumerate(step_losses) if diverged(v)]
         if bad:
             raise Diverged(epoch + 1, bad[0] + 1, step_losses[bad[0]])
-        val_loss, val_acc, _ = evaluate(model, *val, precision)
+        val_loss, val_acc = distributed.from_main(evaluate(model, *val, precision)[:2] if distributed.is_main() else None)
         if diverged(val_loss):
             raise Diverged(epoch + 1, None, val_loss, "validation loss")
         record = dict(epoch=epoch + 1, train_loss=sum(step_losses) / len(step_losses),
@@ -258,8 +271,9 @@ def fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epo
         if val_acc >= progress.best_val_acc:  # a tie goes to the later, longer-trained epoch
             progress.best_val_acc, progress.best_epoch = val_acc, epoch + 1
             progress.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        print(f"epoch {epoch + 1:>{len(str(cfg.epochs))}}/{cfg.epochs} | train {record['train_loss']:.3f} "
-              f"{100 * record['train_acc']:.1f}% | val {val_loss:.3f} {100 * val_acc:.1f}% | "
-              f"lr {record['lr']:.3g} | {record['seconds']:.0f}s", flush=True)
+        if distributed.is_main():
+            print(f"epoch {epoch + 1:>{len(str(cfg.epochs))}}/{cfg.epochs} | train {record['train_loss']:.3f} "
+                  f"{100 * record['train_acc']:.1f}% | val {val_loss:.3f} {100 * val_acc:.1f}% | "
+                  f"lr {record['lr']:.3g} | {record['seconds']:.0f}s", flush=True)
         on_epoch_end(progress)
     return progress
