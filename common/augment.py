@@ -41,12 +41,34 @@ def _perspective(displacement):
     return torch.stack([c0, c1, c0 + c1 + 2 * q[:, 0]], 2)
 
 
-def draw(key, name, columns, b, device):
-    """U(-1, 1) draws (b, columns) of one named augmentation from its own stream, seeded by (key, name): adding
-    or switching off another augmentation never changes these, so old seeds stay reproducible."""
+def stream(key, name, device):
+    """The random stream of one named augmentation for one batch, seeded by (key, name): adding or switching
+    off another augmentation never changes its draws, so old seeds stay reproducible."""
     seed = (key * 0x9E3779B97F4A7C15 + zlib.crc32(name.encode())) % 2**64
-    generator = torch.Generator(device=device).manual_seed(seed)
-    return torch.rand(b, columns, generator=generator, device=device) * 2 - 1
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def draw(key, name, columns, b, device):
+    """U(-1, 1) draws (b, columns) from the stream of `name`."""
+    return torch.rand(b, columns, generator=stream(key, name, device), device=device) * 2 - 1
+
+
+def random_convolution(x, key, probability):
+    """RandConv (Xu et al., ICLR 2021): each chosen image is convolved with its own random kernel, 1x1, 3x3, 5x5
+    or 7x7 with N(0, 1 / fan_in) weights, and mixed with itself at alpha ~ U(0, 1). Texture and colour change,
+    shape stays. All kernels are zero-padded to 7x7, so the batch is one grouped convolution (groups = B)."""
+    b, c, h, w = x.shape
+    size, alpha, chosen = draw(key, "randconv", 3, b, x.device).unbind(1)
+    k = ((size + 1) * 2).floor().clamp(max=3) * 2 + 1  # 1, 3, 5 or 7, uniformly
+    weights = torch.randn(b, c, c, 7, 7, generator=stream(key, "randconv_weights", x.device), device=x.device)
+    offset = (torch.arange(7, device=x.device) - 3).abs()
+    inside = (offset.view(1, 7, 1) <= k.view(b, 1, 1) // 2) & (offset.view(1, 1, 7) <= k.view(b, 1, 1) // 2)
+    weights = weights * inside.view(b, 1, 1, 7, 7) / (c * k * k).sqrt().view(b, 1, 1, 1, 1)
+    padded = F.pad(x.reshape(1, b * c, h, w), (3, 3, 3, 3), mode="replicate")  # no black frame
+    convolved = F.conv2d(padded, weights.view(b * c, c, 7, 7), groups=b).view(b, c, h, w)
+    alpha = ((alpha + 1) / 2).view(b, 1, 1, 1)
+    mixed = torch.lerp(convolved, x, alpha)
+    return torch.where((chosen + 1 < 2 * probability).view(b, 1, 1, 1), mixed, x)
 
 
 def homographies(angle, shear, sx, sy, tx, ty):
@@ -99,9 +121,10 @@ def colour(x, brightness=None, contrast=None, saturation=None, flip=None):
 
 
 def augment(images, cfg, key):
-    """images: uint8 (B, 3, H, W) -> float in [0, 1]. Strengths come from cfg (rotate, shear, translate,
-    crop_scale, perspective, jitter, invert); each image draws its own parameters, each augmentation from its
-    own stream seeded by (key, its name), on the images' device."""
+    """images: uint8 (B, 3, H, W) -> float, in [0, 1] unless randconv mixes in a random convolution. Strengths
+    come from cfg (rotate, shear, translate, crop_scale, perspective, jitter, invert, randconv); each image
+    draws its own parameters, each augmentation from its own stream seeded by (key, its name), on the images'
+    device."""
     b, device = images.shape[0], images.device
     zero = torch.zeros(b, device=device)
 
@@ -128,4 +151,5 @@ def augment(images, cfg, key):
     x = warp(images, homography)
     jitter = [1 + u * cfg.jitter for u in uniform("jitter", 3)] if cfg.jitter else [None] * 3
     flip = uniform("invert", 1)[0] + 1 < 2 * cfg.invert if cfg.invert else None
-    return colour(x, *jitter, flip=flip)
+    x = colour(x, *jitter, flip=flip)
+    return random_convolution(x, key, cfg.randconv) if cfg.randconv else x

@@ -12,6 +12,7 @@ divide by the cores both sides were given. Ratios mean something only on an idle
 measures what other processes use before and after, and says so when they load the CPU.
 """
 import argparse
+import dataclasses
 import multiprocessing
 import os
 import statistics
@@ -30,6 +31,7 @@ from .models import build_model, flops_per_image, resnet18
 from .train import autocast, batches, keep_freed_memory, pick_device, pick_precision, to_input
 
 STACK = Config(rotate=15, shear=10, translate=0.1, crop_scale=0.25, perspective=0.15, jitter=0.3)  # 04's
+DG_STACK = dataclasses.replace(STACK, invert=0.5, randconv=0.5)  # + the cross-domain augmentations
 
 
 def v2_transform(cfg):
@@ -227,6 +229,7 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
     keep_freed_memory(device)
     augment_batches = on_device[0][:epoch_images].split(batch_size)
     ours = dict(augment=timed(lambda: [to_input(b, STACK, i) for i, b in enumerate(augment_batches)], repeats, sync),
+                augment_dg=timed(lambda: [to_input(b, DG_STACK, i) for i, b in enumerate(augment_batches)], repeats, sync),
                 train_step=timed(lambda: train_steps(our_model, *step_data, batch_size, precision, True), repeats, sync),
                 epoch=timed(lambda: epoch_ours(our_model, precision, True), repeats, sync),
                 epoch_fp32=timed(lambda: epoch_ours(fresh(False), "fp32", False), max(1, repeats - 1), sync),
@@ -247,6 +250,8 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
         epoch_images / base["augment"], epoch_images / ours["augment"])
     row("augment_writeup", f"04's stack: PIL per image, {loader_side} vs batches of {batch_size}",
         epoch_images / base["augment_writeup"], epoch_images / ours["augment"])
+    row("augment_dg", "ours: 04's stack vs + inversion and RandConv (p=0.5); baseline = ours without them",
+        epoch_images / ours["augment"], epoch_images / ours["augment_dg"])
     row("train_step", f"fp32 NCHW vs {precision} channels_last, both keeping freed memory",
         n_step / fp32_kept, n_step / ours["train_step"])
     row("train_step_allocator", f"fp32 NCHW, glibc defaults vs {precision} channels_last + keep_freed_memory",
@@ -266,7 +271,9 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
     row("memory", "4 datasets held: torchvision's uint8 (MNIST 28x28) vs ours uint8 (MNIST 32x32, grey once)",
         torchvision_mb, ours_mb, "MiB", higher_is_better=False)
     load_after = others_load(0.2 if quick else 1.0)
+    dg_cost = (ours["augment_dg"] / epoch_images) / (ours["train_step"] / n_step)
     return dict(device=str(device), device_name=_device_name(device), precision=precision, images=images,
+                dg_augment_share_of_train_step=dg_cost,
                 batch_size=batch_size, cores=cores, threads=torch.get_num_threads(), process_rss_mib=rss_mb,
                 others_load_before=load_before, others_load_after=load_after, flops_g=model_flops(), rows=rows)
 
@@ -287,6 +294,8 @@ def table(result):
                      f"{per_core:>19}   {r['detail']}")
     lines.append(f"RSS of a fresh process (torch and the project imported) holding our four datasets: "
                  f"{result['process_rss_mib']:.0f} MiB")
+    lines.append(f"the DG augmentation (04's stack + inversion + RandConv) per image costs "
+                 f"{100 * result['dg_augment_share_of_train_step']:.1f}% of a train step's time")
     lines.append("forward GFLOPs per image: " + ", ".join(f"{k} {v:.2f}" for k, v in result["flops_g"].items()))
     loads = [v for v in (result["others_load_before"], result["others_load_after"]) if v is not None]
     if loads:

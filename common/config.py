@@ -53,6 +53,8 @@ class Config:
     perspective: float = 0.0        # max corner displacement, fraction of the image size
     jitter: float = 0.0             # brightness, contrast and saturation factors in [1 - j, 1 + j]
     invert: float = 0.0             # probability of inverting an image: SVHN digits come in both polarities, MNIST's never
+    randconv: float = 0.0           # probability of a random-convolution view (RandConv): new textures and colours, same shapes
+    tta: str = "none"               # none | bn | tent: test-time adaptation to the unlabelled cross-domain test set, reported apart (test_tta)
     # runtime
     seed: int = 0                   # model init, batch order and augmentation; the val split stays fixed
     device: str = "auto"            # auto | cpu | cuda
@@ -74,7 +76,7 @@ class Config:
         choices = dict(dataset=("svhn", "mnist"), arch=("resnet18", "imagenet_resnet18"), norm=("batch", "none"),
                        input_norm=("dataset", "image"),
                        transfer_input=("upsample64", "upsample224", "stem3x3"), optimizer=("sgd", "adamw"),
-                       device=("auto", "cpu", "cuda"), amp=("auto", "bf16", "fp16", "off"))
+                       device=("auto", "cpu", "cuda"), amp=("auto", "bf16", "fp16", "off"), tta=("none", "bn", "tent"))
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"--{flag(key)} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
@@ -87,7 +89,7 @@ class Config:
                     "crop_scale", "perspective", "jitter", "invert"):
             if getattr(self, key) < 0:
                 raise UserError(f"--{flag(key)} must be >= 0, got {getattr(self, key)}")
-        for key in ("warmup", "momentum", "label_smoothing", "crop_scale", "jitter", "invert"):
+        for key in ("warmup", "momentum", "label_smoothing", "crop_scale", "jitter", "invert", "randconv"):
             if not 0 <= getattr(self, key) < 1:
                 raise UserError(f"--{flag(key)} must be in [0, 1), got {getattr(self, key)}")
         limits = dict(seed=(2**31 - 1, "it seeds numpy too"), rotate=(180, "degrees"), shear=(60, "degrees"),
@@ -99,6 +101,8 @@ class Config:
         if not 0 < self.val_fraction <= 0.5:
             raise UserError(f"--val-fraction must be in (0, 0.5], got {self.val_fraction}: epochs are chosen on "
                             "validation, never on test, and most labelled images should train")
+        if self.tta != "none" and self.norm == "none" and self.arch == "resnet18":
+            raise UserError(f"--tta {self.tta} adapts BatchNorm layers: it needs --norm batch")
         if self.resume and self.restart:
             raise UserError("--resume continues the saved run and --restart discards it: pass one of them")
         try:
@@ -118,7 +122,7 @@ class Config:
         return any(getattr(self, k) > 0 for k in AUGMENT_FIELDS)
 
 
-AUGMENT_FIELDS = ("rotate", "shear", "translate", "crop_scale", "perspective", "jitter", "invert")
+AUGMENT_FIELDS = ("rotate", "shear", "translate", "crop_scale", "perspective", "jitter", "invert", "randconv")
 # What 07 copies from the best earlier run: how the network is built and trained. Not the data, and not
 # the cross-domain choices (input_norm, invert), which 01-06 on SVHN cannot rank.
 RECIPE_FIELDS = ("arch", "norm", "width", "transfer_input", "weights", "optimizer", "lr", "momentum",

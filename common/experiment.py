@@ -21,6 +21,7 @@ from .results import (environment, load_checkpoint, plot_augmented, plot_confusi
                       staging_dir, swap_in, write_json)
 from .train import (Diverged, Progress, configure_backends, evaluate, fit, grad_scaler, make_optimizer, make_schedule,
                     pick_device, pick_precision, steps_per_epoch)
+from .tta import adapted_accuracy
 
 QUICK_IMAGES = 256
 # What a model.pt fixes about the network: a run initialized from it (08) takes these from it.
@@ -87,6 +88,20 @@ def load_data(cfg, device):
         keep = data.stratified_subset(ty, min(cfg.eval_subset, len(ty))) if cfg.eval_subset else slice(None)
         tests[name] = tx[keep].to(device), ty[keep].to(device)
     return train, val, tests
+
+
+DEV_IMAGES = 10_000  # a 0.01-point resolution, and seconds to evaluate
+
+
+def load_dev(cfg, device):
+    """The cross-domain dataset's training file, which this run never trains on: a labelled target dev set for
+    choosing cross-domain recipes (for 07, the real SVHN train crops), so that the test sets choose nothing.
+    Stratified, at most DEV_IMAGES (or --eval-subset)."""
+    cross = "mnist" if cfg.dataset == "svhn" else "svhn"
+    x, y = data.load(cross, "train", cfg.data_dir)
+    cap = min(cfg.eval_subset or DEV_IMAGES, DEV_IMAGES, len(y))
+    keep = data.stratified_subset(y, cap) if cap < len(y) else slice(None)
+    return cross, (x[keep].to(device), y[keep].to(device))
 
 
 def input_stats(images):
@@ -176,6 +191,7 @@ def _train(cfg, out, device, source):
 
     seed_everything(cfg.seed)
     train, val, tests = load_data(cfg, device)
+    dev = load_dev(cfg, device)  # loaded now: a missing file fails the run before training, not after
     model = build_model(cfg, *input_stats(train[0]), pretrained=cfg.pretrained and source is None and ckpt is None)
     if source:
         try:
@@ -202,7 +218,8 @@ def _train(cfg, out, device, source):
                    labels_used=len(train[1]) + len(val[1]), world_size=distributed.world_size(),
                    backend=distributed.backend(),
                    batchnorm_stats="synchronized" if distributed.synchronized_bn(device, cfg) else "per process",
-                   data=dict(train=len(train[1]), val=len(val[1]), **{f"test_{k}": len(v[1]) for k, v in tests.items()}),
+                   data=dict(train=len(train[1]), val=len(val[1]), **{f"dev_{dev[0]}": len(dev[1][1])},
+                             **{f"test_{k}": len(v[1]) for k, v in tests.items()}),
                    init_from=str(source[1]) if source else None)
     elapsed_before = ckpt["progress"].get("elapsed", 0.0) if ckpt else 0.0
 
@@ -232,7 +249,7 @@ def _train(cfg, out, device, source):
         fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epoch_end, scaler)
         if not main:
             return None
-        metrics = finish(cfg, model, progress, tests, train, device, precision, staging, snapshot)
+        metrics = finish(cfg, model, progress, tests, dev, train, precision, staging, snapshot)
     except KeyboardInterrupt as e:
         if not main:  # rank 0 says it; torchrun stops the others
             sys.exit(getattr(e, "exit_code", 130))
@@ -256,22 +273,29 @@ def _train(cfg, out, device, source):
         record_failure("failed", error=f"{type(e).__name__}: {e}")
         raise
     swap_in(staging, out)
-    print(f"test (epoch {progress.best_epoch}, chosen on validation): SVHN {100 * metrics['test']['svhn']:.2f}% | "
-          f"MNIST {100 * metrics['test']['mnist']:.2f}% | {metrics['wall_time_s']:.0f}s on {metrics['device_name']} "
-          f"({precision})")
+    adapted = "".join(f" | {k.upper()} after --tta {cfg.tta} {100 * v:.2f}%" for k, v in metrics["test_tta"].items())
+    print(f"dev ({', '.join(f'{k.upper()} train file {100 * v:.2f}%' for k, v in metrics['dev'].items())}) | "
+          f"test (epoch {progress.best_epoch}, chosen on validation): SVHN {100 * metrics['test']['svhn']:.2f}% | "
+          f"MNIST {100 * metrics['test']['mnist']:.2f}%{adapted} | {metrics['wall_time_s']:.0f}s on "
+          f"{metrics['device_name']} ({precision})")
     print(f"wrote {out}/: {' '.join(sorted(p.name for p in out.iterdir()))}")
     return metrics
 
 
-def finish(cfg, model, progress, tests, train, device, precision, staging, snapshot):
+def finish(cfg, model, progress, tests, dev, train, precision, staging, snapshot):
     """Test the chosen epoch and write the finished set into staging: plots and model first, metrics.json
     (status finished) last, so a staging folder with a finished metrics.json is complete."""
     model.load_state_dict(progress.best_weights)
+    dev_set, (dev_x, dev_y) = dev
+    dev_acc = {dev_set: evaluate(model, dev_x, dev_y, precision)[1]}
     test, confusion = {}, {}
     for name, (x, y) in tests.items():
         _, test[name], preds = evaluate(model, x, y, precision)
         confusion[name] = torch.bincount(y * 10 + preds, minlength=100).view(10, 10).tolist()
     cross = "mnist" if cfg.dataset == "svhn" else "svhn"
+    test_tta = {}
+    if cfg.tta != "none":  # beside the source-only number, never instead of it
+        test_tta[cross] = adapted_accuracy(model, *tests[cross], cfg.tta, precision)
     plot_confusion(confusion[cross], f"{cfg.name}: {cross.upper()} test ({100 * test[cross]:.1f}%)",
                    staging / f"confusion_{cross}.png")
     plot_curves(progress, cfg.name, staging)
@@ -279,7 +303,7 @@ def finish(cfg, model, progress, tests, train, device, precision, staging, snaps
         originals = train[0][:8]
         plot_augmented(originals / 255, [augment(originals, cfg, key) for key in range(4)], staging / "augmented.png")
     save_torch(staging / "model.pt", dict(config=dataclasses.asdict(cfg), model=progress.best_weights))
-    metrics = dict(snapshot("finished"), test=test, confusion=confusion,
+    metrics = dict(snapshot("finished"), dev=dev_acc, test=test, confusion=confusion, test_tta=test_tta,
                    finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     write_json(staging / "metrics.json", metrics)
     (staging / "checkpoint.pt").unlink(missing_ok=True)

@@ -80,6 +80,14 @@ def summary(results_dir):
     if quick:
         lines += ["", "## Smoke runs (--quick: 256 images, 1 epoch; they test the code, not the method)", "", HEADER]
         lines += [row(name, quick[name], "quick/") for name in sorted(quick)]
+    adapted = [(name, m) for name in sorted(full) for m in full[name] if m.get("test_tta")]
+    if adapted:
+        lines += ["", "## Test-time adaptation (a separate evaluation: the tables above are source-only)", "",
+                  "| experiment | seed | method | target test set | source-only % | after adaptation % |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {m['config']['seed']} | {m['config']['tta']} | {target.upper()} | "
+                  f"{100 * m['test'][target]:.2f} | {100 * accuracy:.2f} |"
+                  for name, m in adapted for target, accuracy in sorted(m["test_tta"].items())]
     missing = [name for name in WRITEUP if name not in full]
     if missing:
         lines += ["", f"No results yet{' (smoke runs aside)' if quick else ''}: {', '.join(missing)}."]

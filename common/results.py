@@ -24,7 +24,7 @@ import torchvision
 from .config import RECIPE_FIELDS, UserError
 
 # Fields that may change between an interrupted run and its --resume without changing the result.
-RESUMABLE_CHANGES = {"resume", "restart", "data_dir", "results_dir", "overrides", "inherited_from"}
+RESUMABLE_CHANGES = {"resume", "restart", "data_dir", "results_dir", "overrides", "inherited_from", "tta"}
 UMASK = os.umask(0)
 os.umask(UMASK)  # read once: mkstemp's files are 0600, ours get what the user's umask allows
 

@@ -37,7 +37,7 @@ def test_quick_bench_prints_every_row_and_writes_json(tmp_path, capsys):
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "bench.json").read_text())
     names = [r["name"] for r in result["rows"]]
-    assert names == ["augment", "augment_writeup", "train_step", "train_step_allocator", "epoch", "epoch_precision",
+    assert names == ["augment", "augment_writeup", "augment_dg", "train_step", "train_step_allocator", "epoch", "epoch_precision",
                      "epoch_writeup", "eval", "memory"]
     for r in result["rows"]:
         assert r["baseline"] > 0 and r["ours"] > 0 and r["name"] in out
@@ -46,6 +46,7 @@ def test_quick_bench_prints_every_row_and_writes_json(tmp_path, capsys):
     memory = result["rows"][-1]
     assert abs(memory["ratio"] - memory["baseline"] / memory["ours"]) < 1e-9
     assert "uint8" in memory["detail"] and memory["baseline"] < 2 * memory["ours"]  # uint8 against uint8
+    assert 0 < result["dg_augment_share_of_train_step"] and "of a train step's time" in out
     assert "other processes used" in out and result["others_load_before"] is not None
     assert 3.0 < result["flops_g"]["imagenet_resnet18 upsample224 (05)"] / result["flops_g"]["imagenet_resnet18 upsample64 (05)"] < 3.4
 

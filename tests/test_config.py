@@ -51,7 +51,8 @@ def test_flag_types_come_from_the_annotations():
 @pytest.mark.parametrize("argv", [["--rotate", "inf"], ["--rotate", "nan"], ["--lr", "inf"], ["--momentum", "nan"],
                                   ["--weight-decay", "nan"], ["--seed", "-1"], ["--momentum", "1.5"],
                                   ["--val-fraction", "0.99"], ["--width", "0"], ["--rotate", "1000"],
-                                  ["--name", "../elsewhere"], ["--name", "04_augmentation"], ["--resume", "--restart"]])
+                                  ["--name", "../elsewhere"], ["--name", "04_augmentation"], ["--resume", "--restart"],
+                                  ["--tta", "bn", "--norm", "none"], ["--randconv", "1"]])
 def test_out_of_range_and_non_finite_flags_are_two_lines(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli(BASE, argv)

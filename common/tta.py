@@ -1,0 +1,67 @@
+"""Test-time adaptation to an unlabelled target test set, a separate evaluation beside the source-only one.
+
+bn    re-estimate every BatchNorm's statistics on the target images (AdaBN, Li et al. 2016), then test.
+tent  Tent (Wang et al., ICLR 2021): one pass over the target stream in batches; each batch is predicted
+      with BatchNorm in batch-statistics mode, then the BN affine parameters take one step that lowers the
+      entropy of those predictions. Accuracy is that of the online predictions.
+Both work on a copy: the model whose source-only accuracy is reported is never changed. Labels are only
+used to score the predictions, never to adapt.
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import UserError
+from .train import autocast, batches, evaluate, to_input
+
+TENT_LR, TENT_BATCH = 1e-3, 128  # Tent's SGD settings for digits (momentum 0.9)
+
+
+def batchnorms(model):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def adapt_batchnorm(model, x, precision, batch_size=512):
+    """A copy of model whose BN statistics are those of the images x (a cumulative average over batches)."""
+    model = copy.deepcopy(model)
+    for bn in batchnorms(model):
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    for xb, _ in batches(x, x[:, 0, 0, 0], batch_size):
+        with autocast(x.device, precision):
+            model(to_input(xb))
+    return model.eval()
+
+
+def tent(model, x, precision):
+    """Online predictions of Tent over the stream x, in order."""
+    model = copy.deepcopy(model).train()
+    params = [p for bn in batchnorms(model) for p in (bn.weight, bn.bias) if p is not None]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=TENT_LR, momentum=0.9)
+    preds = []
+    for xb, _ in batches(x, x[:, 0, 0, 0], TENT_BATCH):
+        with autocast(x.device, precision):
+            logits = model(to_input(xb)).float()
+        entropy = -(F.softmax(logits, 1) * F.log_softmax(logits, 1)).sum(1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        entropy.backward()
+        optimizer.step()
+        preds.append(logits.argmax(1).detach())
+    return torch.cat(preds)
+
+
+def adapted_accuracy(model, x, y, method, precision):
+    """Accuracy on (x, y) after adapting a copy of model to x without its labels."""
+    if not batchnorms(model):
+        raise UserError(f"--tta {method} adapts BatchNorm layers, and this model has none (--norm none)")
+    if method == "bn":
+        return evaluate(adapt_batchnorm(model, x, precision), x, y, precision)[1]
+    return (tent(model, x, precision) == y).float().mean().item()
