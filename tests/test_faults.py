@@ -148,3 +148,17 @@ def test_bench_output_path_is_checked_before_the_work(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(["--quick", "--json", str(tmp_path / "file" / "bench.json")])
     assert str(exit_.value.code).startswith("error: cannot write") and time.time() - started < 5
+
+
+def test_a_finite_validation_spike_is_not_divergence(data_dir, tmp_path, monkeypatch):
+    # Seen on 554 SVHN images: early BN statistics put the validation loss near 2,000; the run recovers.
+    import common.train as train
+    real = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: (2000.0, *real(*a, **k)[1:]))
+    run(small(data_dir, tmp_path, epochs=2))
+    history = json.loads((tmp_path / "01_base/seed-0/metrics.json").read_text())["history"]
+    assert [h["val_loss"] for h in history] == [2000.0, 2000.0]
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: (9e34, *real(*a, **k)[1:]))  # --lr 1e6 once gave this
+    with pytest.raises(SystemExit) as exit_:
+        run(small(data_dir, tmp_path, epochs=2, restart=True))
+    assert exit_.value.code == 3
