@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import UserError
-from .train import autocast, batches, evaluate, to_input
+from .train import autocast, evaluate, to_input
 
 TENT_LR, TENT_BATCH = 1e-3, 128  # Tent's SGD settings for digits (momentum 0.9)
 
@@ -31,7 +31,7 @@ def adapt_batchnorm(model, x, precision, batch_size=512):
         bn.reset_running_stats()
         bn.momentum = None
     model.train()
-    for xb, _ in batches(x, x[:, 0, 0, 0], batch_size):
+    for xb in x.split(batch_size):  # the stream in order, as views
         with autocast(x.device, precision):
             model(to_input(xb))
     return model.eval()
@@ -47,7 +47,7 @@ def tent(model, x, precision):
         p.requires_grad_(True)
     optimizer = torch.optim.SGD(params, lr=TENT_LR, momentum=0.9)
     preds = []
-    for xb, _ in batches(x, x[:, 0, 0, 0], TENT_BATCH):
+    for xb in x.split(TENT_BATCH):
         with autocast(x.device, precision):
             logits = model(to_input(xb)).float()
         entropy = -(F.softmax(logits, 1) * F.log_softmax(logits, 1)).sum(1).mean()
