@@ -41,6 +41,12 @@ def _perspective(displacement):
     return torch.stack([c0, c1, c0 + c1 + 2 * q[:, 0]], 2)
 
 
+def named(name, view):
+    """The stream name of an augmentation in the view-th augmented copy of a batch (--consistency): view 0 is
+    the plain name, so single-view runs keep their draws."""
+    return f"{name}@{view}" if view else name
+
+
 def stream(key, name, device):
     """The random stream of one named augmentation for one batch, seeded by (key, name): adding or switching
     off another augmentation never changes its draws, so old seeds stay reproducible."""
@@ -53,14 +59,15 @@ def draw(key, name, columns, b, device):
     return torch.rand(b, columns, generator=stream(key, name, device), device=device) * 2 - 1
 
 
-def random_convolution(x, key, probability):
+def random_convolution(x, key, probability, view=0):
     """RandConv (Xu et al., ICLR 2021): each chosen image is convolved with its own random kernel, 1x1, 3x3, 5x5
     or 7x7 with N(0, 1 / fan_in) weights, and mixed with itself at alpha ~ U(0, 1). Texture and colour change,
     shape stays. All kernels are zero-padded to 7x7, so the batch is one grouped convolution (groups = B)."""
     b, c, h, w = x.shape
-    size, alpha, chosen = draw(key, "randconv", 3, b, x.device).unbind(1)
+    size, alpha, chosen = draw(key, named("randconv", view), 3, b, x.device).unbind(1)
     k = ((size + 1) * 2).floor().clamp(max=3) * 2 + 1  # 1, 3, 5 or 7, uniformly
-    weights = torch.randn(b, c, c, 7, 7, generator=stream(key, "randconv_weights", x.device), device=x.device)
+    weights = torch.randn(b, c, c, 7, 7, generator=stream(key, named("randconv_weights", view), x.device),
+                          device=x.device)
     offset = (torch.arange(7, device=x.device) - 3).abs()
     inside = (offset.view(1, 7, 1) <= k.view(b, 1, 1) // 2) & (offset.view(1, 1, 7) <= k.view(b, 1, 1) // 2)
     weights = weights * inside.view(b, 1, 1, 7, 7) / (c * k * k).sqrt().view(b, 1, 1, 1, 1)
@@ -69,6 +76,61 @@ def random_convolution(x, key, probability):
     alpha = ((alpha + 1) / 2).view(b, 1, 1, 1)
     mixed = torch.lerp(convolved, x, alpha)
     return torch.where((chosen + 1 < 2 * probability).view(b, 1, 1, 1), mixed, x)
+
+
+# Pro-RandConv's digit settings as we read the paper (no official code is public): tap offsets N(0, s^2) pixels per
+# pixel and tap with s ~ U(0, 0.2); contrast gain and shift N(0, 0.5^2) per channel.
+PRO_OFFSET, PRO_AFFINE = 0.2, 0.5
+PRO_PADDING = "border"  # a module constant so that the test against deform_conv2d can switch it to zeros
+
+
+def deformable_taps(offsets, h, w):
+    """grid_sample grid (B, 9H, W, 2) of a 3x3 deformable convolution's taps: output pixel (i, j), tap (ky, kx)
+    reads the input at (i + ky - 1, j + kx - 1) + its offset. `offsets` (B, 18, H, W) as in
+    torchvision.ops.deform_conv2d ((dy, dx) per tap, in pixels)."""
+    b, device = offsets.shape[0], offsets.device
+    ky, kx = torch.meshgrid(torch.arange(3, device=device) - 1., torch.arange(3, device=device) - 1., indexing="ij")
+    dy, dx = offsets.view(b, 9, 2, h, w).unbind(2)
+    y = torch.arange(h, device=device).view(1, 1, h, 1) + ky.reshape(1, 9, 1, 1) + dy
+    x = torch.arange(w, device=device).view(1, 1, 1, w) + kx.reshape(1, 9, 1, 1) + dx
+    return torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], -1).view(b, 9 * h, w, 2)
+
+
+def deformable_convolution(x, grid, weights):
+    """Per-image 3x3 deformable convolution: x (B, C, H, W), grid from deformable_taps, weights (B, O, C, 3, 3).
+    One grid_sample gathers all nine taps, one einsum weighs them. Equal to torchvision's deform_conv2d with
+    per-image groups (tested) when padding is zeros; here the border is repeated, so no black frame. 5.8x faster
+    than one grouped deform_conv2d (groups = B): 17 vs 99 ms per layer for 128 images, one thread, AMD EPYC."""
+    b, c, h, w = x.shape
+    taps = F.grid_sample(x, grid, mode="bilinear", padding_mode=PRO_PADDING, align_corners=False).view(b, c, 3, 3, h, w)
+    return torch.einsum("bockl,bcklhw->bohw", weights, taps)
+
+
+def progressive_random_convolution(x, key, probability, max_layers, view=0):
+    """Pro-RandConv (Choi et al., CVPR 2023): one random 3x3 block per image, applied to it L ~ U{1..max_layers}
+    times, so that the receptive field grows without a large kernel's blur. The block is a deformable convolution
+    (Kaiming-normal weights under a Gaussian window of sigma ~ U(0, 1), per-pixel random tap offsets of scale
+    ~ U(0, PRO_OFFSET)), standardization of each channel, a random affine (gain and shift, per channel) and tanh,
+    mapped back to [0, 1]. An image keeps the output of its own L-th layer. Chosen with `probability`; the rest
+    stay as they are."""
+    b, c, h, w = x.shape
+    device = x.device
+    chosen, layers, sigma, spread = ((draw(key, named("prorandconv", view), 4, b, device) + 1) / 2).unbind(1)
+    layers = (layers * max_layers).floor().clamp(max=max_layers - 1) + 1  # 1..max_layers, uniformly
+    taps = torch.arange(3, device=device, dtype=torch.float32) - 1
+    window = torch.exp(-(taps.view(1, 3, 1) ** 2 + taps.view(1, 1, 3) ** 2) / (2 * sigma.clamp(min=1e-2).view(b, 1, 1) ** 2))
+    weights = torch.randn(b, c, c, 3, 3, generator=stream(key, named("prorandconv_weights", view), device), device=device)
+    weights = weights * window.view(b, 1, 1, 3, 3) / math.sqrt(c * 9)
+    offsets = torch.randn(b, 18, h, w, generator=stream(key, named("prorandconv_offsets", view), device), device=device)
+    grid = deformable_taps(offsets * (spread * PRO_OFFSET).view(b, 1, 1, 1), h, w)
+    gain, shift = (torch.randn(2, b, c, 1, 1, generator=stream(key, named("prorandconv_affine", view), device),
+                               device=device) * PRO_AFFINE).unbind(0)
+    out, y = x, x
+    for layer in range(1, max_layers + 1):
+        y = deformable_convolution(y, grid, weights)
+        y = torch.tanh(torch.addcmul(shift, F.instance_norm(y), gain))  # instance_norm: each image's channels
+        out = torch.where((layers == layer).view(b, 1, 1, 1), (y + 1) / 2, out)
+    return torch.where((chosen < probability).view(b, 1, 1, 1), out, x)
 
 
 def homographies(angle, shear, sx, sy, tx, ty):
@@ -120,7 +182,7 @@ def colour(x, brightness=None, contrast=None, saturation=None, flip=None):
     return torch.addcmul(offset, x, gain).clamp_(0, 1)
 
 
-def augment(images, cfg, key):
+def augment(images, cfg, key, view=0):
     """images: uint8 (B, 3, H, W) -> float, in [0, 1] unless randconv mixes in a random convolution. Strengths
     come from cfg (rotate, shear, translate, crop_scale, perspective, jitter, invert, randconv); each image
     draws its own parameters, each augmentation from its own stream seeded by (key, its name), on the images'
@@ -129,7 +191,7 @@ def augment(images, cfg, key):
     zero = torch.zeros(b, device=device)
 
     def uniform(name, columns):
-        return draw(key, name, columns, b, device).unbind(1)
+        return draw(key, named(name, view), columns, b, device).unbind(1)
 
     angle = uniform("rotate", 1)[0] * math.radians(cfg.rotate) if cfg.rotate else zero
     shear = uniform("shear", 1)[0] * math.radians(cfg.shear) if cfg.shear else zero
@@ -152,4 +214,8 @@ def augment(images, cfg, key):
     jitter = [1 + u * cfg.jitter for u in uniform("jitter", 3)] if cfg.jitter else [None] * 3
     flip = uniform("invert", 1)[0] + 1 < 2 * cfg.invert if cfg.invert else None
     x = colour(x, *jitter, flip=flip)
-    return random_convolution(x, key, cfg.randconv) if cfg.randconv else x
+    if cfg.randconv:
+        x = random_convolution(x, key, cfg.randconv, view)
+    if cfg.prorandconv:
+        x = progressive_random_convolution(x, key, cfg.prorandconv, cfg.prorandconv_layers, view)
+    return x

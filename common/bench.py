@@ -13,6 +13,7 @@ measures what other processes use before and after, and says so when they load t
 """
 import argparse
 import dataclasses
+import importlib.util
 import multiprocessing
 import os
 import statistics
@@ -26,12 +27,23 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from .config import Config, Parser, UserError
+from .config import AUGMENT_FIELDS, Config, Parser, UserError
 from .models import build_model, flops_per_image, resnet18
 from .train import autocast, batches, keep_freed_memory, pick_device, pick_precision, to_input
 
 STACK = Config(rotate=15, shear=10, translate=0.1, crop_scale=0.25, perspective=0.15, jitter=0.3)  # 04's
-DG_STACK = dataclasses.replace(STACK, invert=0.5, randconv=0.5)  # + the cross-domain augmentations
+
+
+def dg_stack():
+    """07's augmentation, read from its CONFIG (one source of truth): 04's stack plus the cross-domain ones."""
+    spec = importlib.util.spec_from_file_location("reverse_mnist", Path(__file__).resolve().parents[1] / "07_reverse_mnist.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return dataclasses.replace(Config(), **{k: getattr(script.CONFIG, k) for k in AUGMENT_FIELDS + ("prorandconv_layers",)})
+
+
+def dg_extras(cfg):
+    return ", ".join(f"{k} {getattr(cfg, k)}" for k in AUGMENT_FIELDS if getattr(cfg, k) != getattr(STACK, k))
 
 
 def v2_transform(cfg):
@@ -228,8 +240,9 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
     # ... then ours, with what fit() sets up; this cannot be undone within the process.
     keep_freed_memory(device)
     augment_batches = on_device[0][:epoch_images].split(batch_size)
+    dg = dg_stack()
     ours = dict(augment=timed(lambda: [to_input(b, STACK, i) for i, b in enumerate(augment_batches)], repeats, sync),
-                augment_dg=timed(lambda: [to_input(b, DG_STACK, i) for i, b in enumerate(augment_batches)], repeats, sync),
+                augment_dg=timed(lambda: [to_input(b, dg, i) for i, b in enumerate(augment_batches)], repeats, sync),
                 train_step=timed(lambda: train_steps(our_model, *step_data, batch_size, precision, True), repeats, sync),
                 epoch=timed(lambda: epoch_ours(our_model, precision, True), repeats, sync),
                 epoch_fp32=timed(lambda: epoch_ours(fresh(False), "fp32", False), max(1, repeats - 1), sync),
@@ -250,7 +263,7 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
         epoch_images / base["augment"], epoch_images / ours["augment"])
     row("augment_writeup", f"04's stack: PIL per image, {loader_side} vs batches of {batch_size}",
         epoch_images / base["augment_writeup"], epoch_images / ours["augment"])
-    row("augment_dg", "ours: 04's stack vs + inversion and RandConv (p=0.5); baseline = ours without them",
+    row("augment_dg", f"ours: 04's stack vs 07's (+ {dg_extras(dg)}); baseline = ours without them",
         epoch_images / ours["augment"], epoch_images / ours["augment_dg"])
     row("train_step", f"fp32 NCHW vs {precision} channels_last, both keeping freed memory",
         n_step / fp32_kept, n_step / ours["train_step"])
@@ -273,7 +286,7 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
     load_after = others_load(0.2 if quick else 1.0)
     dg_cost = (ours["augment_dg"] / epoch_images) / (ours["train_step"] / n_step)
     return dict(device=str(device), device_name=_device_name(device), precision=precision, images=images,
-                dg_augment_share_of_train_step=dg_cost,
+                dg_augment_share_of_train_step=dg_cost, dg_augmentation=dg_extras(dg),
                 batch_size=batch_size, cores=cores, threads=torch.get_num_threads(), process_rss_mib=rss_mb,
                 others_load_before=load_before, others_load_after=load_after, flops_g=model_flops(), rows=rows)
 
@@ -294,7 +307,7 @@ def table(result):
                      f"{per_core:>19}   {r['detail']}")
     lines.append(f"RSS of a fresh process (torch and the project imported) holding our four datasets: "
                  f"{result['process_rss_mib']:.0f} MiB")
-    lines.append(f"the DG augmentation (04's stack + inversion + RandConv) per image costs "
+    lines.append(f"the DG augmentation (07's: 04's stack + {result['dg_augmentation']}) per image costs "
                  f"{100 * result['dg_augment_share_of_train_step']:.1f}% of a train step's time")
     lines.append("forward GFLOPs per image: " + ", ".join(f"{k} {v:.2f}" for k, v in result["flops_g"].items()))
     loads = [v for v in (result["others_load_before"], result["others_load_after"]) if v is not None]

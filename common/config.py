@@ -54,7 +54,11 @@ class Config:
     jitter: float = 0.0             # brightness, contrast and saturation factors in [1 - j, 1 + j]
     invert: float = 0.0             # probability of inverting an image: SVHN digits come in both polarities, MNIST's never
     randconv: float = 0.0           # probability of a random-convolution view (RandConv): new textures and colours, same shapes
-    tta: str = "none"               # none | bn | tent: test-time adaptation to the unlabelled cross-domain test set, reported apart (test_tta)
+    prorandconv: float = 0.0        # probability of a progressive random-convolution view (Pro-RandConv): stacked 3x3 random blocks
+    prorandconv_layers: int = 10    # Pro-RandConv's L ~ U{1..this}: more layers, larger and stranger textures (the paper's digit value)
+    consistency: float = 0.0        # weight of the Jensen-Shannon consistency across augmented views (AugMix); 0 = one view, no extra cost
+    views: int = 2                  # augmented views per image when --consistency > 0: each extra view costs one more forward/backward
+    tta: str = "none"               # none | bn | tent | bn,tent: test-time adaptation to the unlabelled cross-domain test set, reported apart (test_tta)
     # runtime
     seed: int = 0                   # model init, batch order and augmentation; the val split stays fixed
     device: str = "auto"            # auto | cpu | cuda
@@ -76,31 +80,35 @@ class Config:
         choices = dict(dataset=("svhn", "mnist"), arch=("resnet18", "imagenet_resnet18"), norm=("batch", "none"),
                        input_norm=("dataset", "image"),
                        transfer_input=("upsample64", "upsample224", "stem3x3"), optimizer=("sgd", "adamw"),
-                       device=("auto", "cpu", "cuda"), amp=("auto", "bf16", "fp16", "off"), tta=("none", "bn", "tent"))
+                       device=("auto", "cpu", "cuda"), amp=("auto", "bf16", "fp16", "off"), tta=("none", "bn", "tent", "bn,tent"))
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"--{flag(key)} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
             raise UserError(f"--name must be a plain folder name (letters, digits, _ . -), got {self.name!r}")
-        for key in ("epochs", "batch_size", "lr", "scratch_lr", "width", "warmup"):
+        for key in ("epochs", "batch_size", "lr", "scratch_lr", "width", "warmup", "prorandconv_layers", "views"):
             if not getattr(self, key) > 0:
                 raise UserError(f"--{flag(key)} must be > 0, got {getattr(self, key)}")
-        for key in ("seed", "train_subset", "eval_subset", "weight_decay", "rotate", "shear", "translate",
+        for key in ("seed", "train_subset", "eval_subset", "weight_decay", "consistency", "rotate", "shear", "translate",
                     "crop_scale", "perspective", "jitter", "invert"):
             if getattr(self, key) < 0:
                 raise UserError(f"--{flag(key)} must be >= 0, got {getattr(self, key)}")
-        for key in ("warmup", "momentum", "label_smoothing", "crop_scale", "jitter", "invert", "randconv"):
+        for key in ("warmup", "momentum", "label_smoothing", "crop_scale", "jitter", "invert", "randconv", "prorandconv"):
             if not 0 <= getattr(self, key) < 1:
                 raise UserError(f"--{flag(key)} must be in [0, 1), got {getattr(self, key)}")
         limits = dict(seed=(2**31 - 1, "it seeds numpy too"), rotate=(180, "degrees"), shear=(60, "degrees"),
                       translate=(0.5, "of the image size"), perspective=(0.5, "of the image size"),
-                      width=(1024, "channels"))
+                      width=(1024, "channels"), prorandconv_layers=(50, "layers"), views=(8, "views"))
         for key, (most, unit) in limits.items():
             if getattr(self, key) > most:
                 raise UserError(f"--{flag(key)} must be at most {most} ({unit}), got {getattr(self, key)}")
         if not 0 < self.val_fraction <= 0.5:
             raise UserError(f"--val-fraction must be in (0, 0.5], got {self.val_fraction}: epochs are chosen on "
                             "validation, never on test, and most labelled images should train")
+        if self.consistency and self.views < 2:
+            raise UserError(f"--consistency compares augmented views: it needs --views >= 2, got {self.views}")
+        if self.consistency and not self.augments:
+            raise UserError("--consistency compares augmented views, and no augmentation is on: identical views")
         if self.tta != "none" and self.norm == "none" and self.arch == "resnet18":
             raise UserError(f"--tta {self.tta} adapts BatchNorm layers: it needs --norm batch")
         if self.resume and self.restart:
@@ -122,7 +130,8 @@ class Config:
         return any(getattr(self, k) > 0 for k in AUGMENT_FIELDS)
 
 
-AUGMENT_FIELDS = ("rotate", "shear", "translate", "crop_scale", "perspective", "jitter", "invert", "randconv")
+AUGMENT_FIELDS = ("rotate", "shear", "translate", "crop_scale", "perspective", "jitter", "invert", "randconv",
+                  "prorandconv")
 # What 07 copies from the best earlier run: how the network is built and trained. Not the data, and not
 # the cross-domain choices (input_norm, invert), which 01-06 on SVHN cannot rank.
 RECIPE_FIELDS = ("arch", "norm", "width", "transfer_input", "weights", "optimizer", "lr", "momentum",

@@ -273,7 +273,8 @@ def _train(cfg, out, device, source):
         record_failure("failed", error=f"{type(e).__name__}: {e}")
         raise
     swap_in(staging, out)
-    adapted = "".join(f" | {k.upper()} after --tta {cfg.tta} {100 * v:.2f}%" for k, v in metrics["test_tta"].items())
+    adapted = "".join(f" | {target.upper()} after --tta {method} {100 * v:.2f}%"
+                      for method, accuracy in metrics["test_tta"].items() for target, v in accuracy.items())
     print(f"dev ({', '.join(f'{k.upper()} train file {100 * v:.2f}%' for k, v in metrics['dev'].items())}) | "
           f"test (epoch {progress.best_epoch}, chosen on validation): SVHN {100 * metrics['test']['svhn']:.2f}% | "
           f"MNIST {100 * metrics['test']['mnist']:.2f}%{adapted} | {metrics['wall_time_s']:.0f}s on "
@@ -294,8 +295,9 @@ def finish(cfg, model, progress, tests, dev, train, precision, staging, snapshot
         confusion[name] = torch.bincount(y * 10 + preds, minlength=100).view(10, 10).tolist()
     cross = "mnist" if cfg.dataset == "svhn" else "svhn"
     test_tta = {}
-    if cfg.tta != "none":  # beside the source-only number, never instead of it
-        test_tta[cross] = adapted_accuracy(model, *tests[cross], cfg.tta, precision)
+    for method in cfg.tta.split(","):  # beside the source-only number, never instead of it
+        if method != "none":
+            test_tta[method] = {cross: adapted_accuracy(model, *tests[cross], method, precision)}
     plot_confusion(confusion[cross], f"{cfg.name}: {cross.upper()} test ({100 * test[cross]:.1f}%)",
                    staging / f"confusion_{cross}.png")
     plot_curves(progress, cfg.name, staging)

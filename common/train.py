@@ -101,10 +101,10 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
-def to_input(images_uint8, augment_cfg=None, key=0):
+def to_input(images_uint8, augment_cfg=None, key=0, view=0):
     """uint8 batch -> float in [0, 1], augmented as augment_cfg says when one is given (random draws from
-    `key`), then channels_last: faster convolutions on CUDA and on CPUs alike."""
-    x = images_uint8.float() / 255 if augment_cfg is None else augment(images_uint8, augment_cfg, key)
+    `key` and `view`), then channels_last: faster convolutions on CUDA and on CPUs alike."""
+    x = images_uint8.float() / 255 if augment_cfg is None else augment(images_uint8, augment_cfg, key, view)
     return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -179,6 +179,31 @@ def loss_function(cfg):
     return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
 
+def jensen_shannon(logits):
+    """Generalized Jensen-Shannon divergence between the predictions of several views (V, B, classes) of one
+    batch: the mean KL from each view's softmax to their mixture (AugMix, Hendrycks et al., ICLR 2020).
+    Zero iff all views predict alike; at most ln V."""
+    log_p = F.log_softmax(logits.float(), -1)
+    log_mixture = torch.logsumexp(log_p, 0) - math.log(len(log_p))
+    return (log_p.exp() * (log_p - log_mixture)).sum(-1).mean()
+
+
+def training_loss(model, xb, yb, cfg, key, loss_fn, precision):
+    """(loss, logits of the first view) of one batch. With --consistency: cfg.views augmented views in one
+    forward pass, cross-entropy averaged over them plus the weighted Jensen-Shannon consistency. Augmentation
+    runs outside autocast: in fp32 whatever the model's precision."""
+    views = cfg.views if cfg.consistency else 1
+    augment_cfg = cfg if cfg.augments else None
+    inputs = torch.cat([to_input(xb, augment_cfg, key, view) for view in range(views)])
+    with autocast(xb.device, precision):
+        logits = model(inputs)
+    logits = logits.float().view(views, len(xb), -1)
+    loss = loss_fn(logits.flatten(0, 1), yb.repeat(views))
+    if views > 1:
+        loss = loss + cfg.consistency * jensen_shannon(logits)
+    return loss, logits[0]
+
+
 # Cross-entropy over 10 classes starts near ln 10 = 2.3; a train loss of 1,000 means logit margins of 1,000 the
 # wrong way: blown up, even if finite (--lr 1e6 gave a train loss of 7e10 and a validation loss of 9e34, once
 # recorded as finished). Validation gets a far higher bar: a healthy BN run's early validation loss reached 1,973
@@ -236,10 +261,7 @@ def fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epo
             if world > 1:  # this rank's slice of the global batch
                 xb, yb = xb.chunk(world)[rank], yb.chunk(world)[rank]
             key = augment_key(cfg.seed, epoch, step) * world + rank
-            inputs = to_input(xb, cfg if cfg.augments else None, key)
-            with autocast(x.device, precision):
-                logits = step_model(inputs)
-            loss = loss_fn(logits.float(), yb)
+            loss, logits = training_loss(step_model, xb, yb, cfg, key, loss_fn, precision)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

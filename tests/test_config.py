@@ -52,7 +52,9 @@ def test_flag_types_come_from_the_annotations():
                                   ["--weight-decay", "nan"], ["--seed", "-1"], ["--momentum", "1.5"],
                                   ["--val-fraction", "0.99"], ["--width", "0"], ["--rotate", "1000"],
                                   ["--name", "../elsewhere"], ["--name", "04_augmentation"], ["--resume", "--restart"],
-                                  ["--tta", "bn", "--norm", "none"], ["--randconv", "1"]])
+                                  ["--tta", "bn", "--norm", "none"], ["--randconv", "1"], ["--prorandconv", "1"],
+                                  ["--prorandconv-layers", "0"], ["--consistency", "-1"], ["--tta", "tent,bn"],
+                                  ["--consistency", "1", "--views", "1", "--rotate", "5"], ["--consistency", "1"]])
 def test_out_of_range_and_non_finite_flags_are_two_lines(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli(BASE, argv)

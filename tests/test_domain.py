@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from common import Config, UserError, run
-from common.augment import augment, random_convolution
+from torchvision.ops import deform_conv2d
+
+import common.augment
+from common.augment import (augment, deformable_convolution, deformable_taps, progressive_random_convolution,
+                            random_convolution)
 from common.models import resnet18
+from common.train import jensen_shannon, loss_function, training_loss
 from common.tta import adapt_batchnorm, adapted_accuracy, tent
 
 
@@ -41,6 +46,71 @@ def test_randconv_in_training_keeps_labels(data_dir, tmp_path):
     assert metrics["config"]["randconv"] == 0.5 and (tmp_path / "01_base/seed-0/augmented.png").exists()
     # The target dev set: the cross-domain training file, which an SVHN run never trains on.
     assert set(metrics["dev"]) == {"mnist"} and metrics["data"]["dev_mnist"] == 32 and 0 <= metrics["dev"]["mnist"] <= 1
+
+
+def test_progressive_randconv_is_per_image_seeded_and_keeps_shapes():
+    x = images(1).expand(6, -1, -1, -1).contiguous()
+    out = progressive_random_convolution(x, key=3, probability=0.999, max_layers=4)
+    assert out.shape == x.shape and out.dtype == x.dtype and 0 <= out.min() and out.max() <= 1
+    assert not torch.allclose(out[0], out[1], atol=1e-3)
+    assert torch.equal(out, progressive_random_convolution(x, key=3, probability=0.999, max_layers=4))
+    assert not torch.equal(out, progressive_random_convolution(x, key=4, probability=0.999, max_layers=4))
+    half = progressive_random_convolution(images(64), key=1, probability=0.5, max_layers=2)
+    assert 10 < sum(torch.equal(a, b) for a, b in zip(half, images(64))) < 54  # some images stay clean
+
+
+def test_deformable_convolution_matches_torchvision_deform_conv2d(monkeypatch):
+    monkeypatch.setattr(common.augment, "PRO_PADDING", "zeros")  # deform_conv2d pads with zeros
+    g = torch.Generator().manual_seed(0)
+    x, offsets, weights = (torch.randn(*shape, generator=g) for shape in ((3, 3, 9, 7), (3, 18, 9, 7), (3, 3, 3, 3, 3)))
+    ours = deformable_convolution(x, deformable_taps(offsets * 0.7, 9, 7), weights)
+    theirs = torch.cat([deform_conv2d(x[i:i + 1], offsets[i:i + 1] * 0.7, weights[i], padding=1) for i in range(3)])
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_views_have_their_own_draws_and_view_zero_is_the_plain_augmentation():
+    x = (images(16) * 255).to(torch.uint8)
+    cfg = Config(rotate=15, jitter=0.3, prorandconv=0.5, prorandconv_layers=3)
+    assert torch.equal(augment(x, cfg, 5), augment(x, cfg, 5, view=0))
+    assert not torch.allclose(augment(x, cfg, 5, view=0), augment(x, cfg, 5, view=1))
+    assert torch.equal(augment(x, cfg, 5, view=1), augment(x, cfg, 5, view=1))
+
+
+def test_jensen_shannon_is_zero_for_identical_views_and_positive_otherwise():
+    logits = torch.randn(1, 8, 10, generator=torch.Generator().manual_seed(0))
+    assert jensen_shannon(logits.expand(3, -1, -1)).abs() < 1e-6
+    different = torch.randn(3, 8, 10, generator=torch.Generator().manual_seed(1))
+    assert 0 < jensen_shannon(different) <= torch.log(torch.tensor(3.))
+    # Two views certain of different classes: the bound ln 2.
+    confident = torch.full((2, 1, 10), -1e4)
+    confident[0, 0, 0] = confident[1, 0, 1] = 0
+    torch.testing.assert_close(jensen_shannon(confident), torch.log(torch.tensor(2.)))
+
+
+def test_consistency_loss_is_cross_entropy_of_every_view_plus_weighted_divergence():
+    torch.manual_seed(0)
+    model = resnet18(width=8).train()
+    x, y = (images(6) * 255).to(torch.uint8), torch.arange(6)
+    cfg = Config(rotate=15, prorandconv=0.5, prorandconv_layers=2, consistency=0.7, views=3, label_smoothing=0.1)
+    loss, first = training_loss(model, x, y, cfg, 11, loss_function(cfg), "fp32")
+    inputs = torch.cat([augment(x, cfg, 11, view) for view in range(3)]).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    logits = resnet18(width=8).train()(inputs).view(3, 6, 10)  # a fresh copy: same weights, same BN state
+    expected = loss_function(cfg)(logits.flatten(0, 1), y.repeat(3)) + 0.7 * jensen_shannon(logits)
+    torch.testing.assert_close(loss, expected)
+    assert first.shape == (6, 10) and torch.allclose(first, logits[0])
+    single = dataclasses.replace(cfg, consistency=0.0)  # off: one view, plain cross-entropy, no extra forward
+    loss, _ = training_loss(model, x, y, single, 11, loss_function(single), "fp32")
+    torch.testing.assert_close(loss, loss_function(single)(model(augment(x, single, 11)), y), rtol=1e-4, atol=1e-4)
+
+
+def test_consistency_training_learns(data_dir, tmp_path):
+    cfg = Config(width=8, epochs=3, train_subset=320, eval_subset=32, batch_size=32, jitter=0.3, prorandconv=0.3,
+                 prorandconv_layers=2, consistency=1.0, data_dir=str(data_dir), results_dir=str(tmp_path))
+    run(cfg)
+    metrics = json.loads((tmp_path / "01_base/seed-0/metrics.json").read_text())
+    losses = metrics["steps"]
+    assert len(losses) == 27 and sum(losses[-5:]) < 0.8 * sum(losses[:5])
 
 
 def bn_model():
@@ -77,13 +147,23 @@ def test_tta_is_reported_beside_the_source_only_number(data_dir, tmp_path):
     base = Config(width=8, epochs=1, train_subset=64, eval_subset=32, data_dir=str(data_dir), results_dir=str(tmp_path))
     run(base)
     source_only = json.loads((tmp_path / "01_base/seed-0/metrics.json").read_text())
-    for method in ("bn", "tent"):
-        run(dataclasses.replace(base, tta=method, restart=True))
+    adapted = {}
+    for methods in ("bn", "tent", "bn,tent"):
+        run(dataclasses.replace(base, tta=methods, restart=True))
         metrics = json.loads((tmp_path / "01_base/seed-0/metrics.json").read_text())
         assert metrics["test"] == source_only["test"]  # TTA never changes the source-only numbers
-        assert set(metrics["test_tta"]) == {"mnist"} and 0 <= metrics["test_tta"]["mnist"] <= 1
+        assert set(metrics["test_tta"]) == set(methods.split(","))
+        for method, by_target in metrics["test_tta"].items():
+            assert set(by_target) == {"mnist"} and 0 <= by_target["mnist"] <= 1
+            adapted.setdefault(method, set()).add(by_target["mnist"])
+    assert all(len(values) == 1 for values in adapted.values())  # both at once = each alone
     from common.report import summary
-    assert "## Test-time adaptation" in summary(tmp_path)
+    text = summary(tmp_path)
+    assert "## Test-time adaptation" in text and "Tent on the unlabelled MNIST test set" in text
+    cells = [c.strip() for c in next(line for line in text.splitlines()
+                                     if line.startswith("| SVHN -> MNIST | 01_base |")).split("|")]
+    assert cells[4:8] == [f"{100 * metrics['test']['mnist']:.2f}", f"{100 * metrics['test_tta']['bn']['mnist']:.2f}",
+                          f"{100 * metrics['test_tta']['tent']['mnist']:.2f}", f"{100 * metrics['dev']['mnist']:.2f}"]
 
 
 def test_tta_needs_batchnorm():

@@ -1,6 +1,6 @@
 import json
 
-from common.report import main, summary
+from common.report import PUBLISHED, main, summary
 
 
 def metrics(svhn, mnist, seed, **config):
@@ -40,6 +40,15 @@ N images only: they are not comparable with the writeup's full-SVHN numbers.
 
 {header}
 | 07_reverse_mnist | 20.00 | 90.00 | 27.95 | 99.01 | 1 | 1 | subset 256 (69594) | 5s | NVIDIA A100 (bf16) | [loss](quick/07_reverse_mnist/seed-0/loss.png) [acc](quick/07_reverse_mnist/seed-0/accuracy.png) [svhn](quick/07_reverse_mnist/seed-0/confusion_svhn.png) |
+
+## Cross-domain (tested on the domain it never trained on)
+
+| direction | experiment | train images | source-only % | after --tta bn % | after --tta tent % | target dev % (cross-domain train file) | seeds |
+|---|---|---|---|---|---|---|---|
+| SVHN -> MNIST | 01_base | 69594 | 65.00 ± 7.07 | — | — | — | 2 |
+
+Published, with their protocols:
+- SVHN -> MNIST: {PUBLISHED["SVHN -> MNIST"]}
 
 No results yet (smoke runs aside): 02_no_bn, 03_label_smoothing, 04_augmentation, 05_transfer, 06_adam, 07_reverse_mnist, 08_finetune_svhn.
 

@@ -14,8 +14,8 @@ METRIC_KEYS = {"status", "config", "history", "steps", "test", "best_epoch", "be
                "torchvision", "device", "device_name", "precision", "git_commit", "wall_time_s", "confusion"}
 
 
-def test_all_eight_scripts_exist_and_are_named_by_their_file():
-    assert len(SCRIPTS) == 8
+def test_all_nine_scripts_exist_and_are_named_by_their_file():
+    assert len(SCRIPTS) == 9
     for script in SCRIPTS:
         spec = importlib.util.spec_from_file_location("script", ROOT / script)
         module = importlib.util.module_from_spec(spec)
