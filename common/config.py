@@ -133,7 +133,7 @@ class Config:
 AUGMENT_FIELDS = ("rotate", "shear", "translate", "crop_scale", "perspective", "jitter", "invert", "randconv",
                   "prorandconv")
 # What 07 copies from the best earlier run: how the network is built and trained. Not the data, and not
-# the cross-domain choices (input_norm, invert), which 01-06 on SVHN cannot rank.
+# the cross-domain choices (input_norm, invert, randconv, prorandconv), which 01-06 on SVHN cannot rank.
 RECIPE_FIELDS = ("arch", "norm", "width", "transfer_input", "weights", "optimizer", "lr", "momentum",
                  "weight_decay", "warmup", "label_smoothing", "batch_size", "rotate", "shear", "translate",
                  "crop_scale", "perspective", "jitter")
