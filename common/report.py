@@ -73,13 +73,13 @@ def cross_domain(full):
     lines = ["", "## Cross-domain (tested on the domain it never trained on)", "",
              "| direction | experiment | train images | source-only % | after --tta bn % | after --tta tent % | "
              "target dev % (cross-domain train file) | seeds |", "|---|---|---|---|---|---|---|---|"]
-    directions = {}
+    directions = set()
     for name in sorted(full):
         runs = full[name]
         source = runs[0]["config"]["dataset"]
         target = "mnist" if source == "svhn" else "svhn"
         direction = f"{source.upper()} -> {target.upper()}"
-        directions[direction] = True
+        directions.add(direction)
         adapted = [mean_std(accuracy) if accuracy else "—" for accuracy in
                    ([m["test_tta"][method][target] for m in runs if method in m.get("test_tta", {})]
                     for method in ("bn", "tent"))]
