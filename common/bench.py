@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
+from torchvision.ops import deform_conv2d
 from torchvision.transforms import v2
 
+from .augment import deformable_convolution, deformable_taps
 from .config import AUGMENT_FIELDS, Config, Parser, UserError
 from .models import build_model, flops_per_image, resnet18
 from .train import autocast, batches, keep_freed_memory, pick_device, pick_precision, to_input
@@ -44,6 +46,18 @@ def dg_stack():
 
 def dg_extras(cfg):
     return ", ".join(f"{k} {getattr(cfg, k)}" for k in AUGMENT_FIELDS if getattr(cfg, k) != getattr(STACK, k))
+
+
+def deformable_inputs(images):
+    """One Pro-RandConv layer's inputs for a batch, for ours and for torchvision's deform_conv2d with per-image
+    groups (the batch as one image of B x C channels)."""
+    b, c, h, w = images.shape
+    g = torch.Generator(device=images.device).manual_seed(0)
+    x = images.float() / 255
+    offsets = torch.randn(b, 18, h, w, generator=g, device=images.device) * 0.1
+    weights = torch.randn(b, c, c, 3, 3, generator=g, device=images.device)
+    grouped = (x.reshape(1, b * c, h, w), offsets.reshape(1, b * 18, h, w), weights.reshape(b * c, c, 3, 3))
+    return x, deformable_taps(offsets, h, w), weights, (*grouped, None, 1, 1)  # bias None, stride 1, padding 1
 
 
 def v2_transform(cfg):
@@ -241,7 +255,10 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
     keep_freed_memory(device)
     augment_batches = on_device[0][:epoch_images].split(batch_size)
     dg = dg_stack()
-    ours = dict(augment=timed(lambda: [to_input(b, STACK, i) for i, b in enumerate(augment_batches)], repeats, sync),
+    deform_in, deform_grid, deform_weights, grouped_args = deformable_inputs(augment_batches[0])
+    deform_conv2d_grouped = timed(lambda: deform_conv2d(*grouped_args), repeats, sync)
+    ours = dict(deformable=timed(lambda: deformable_convolution(deform_in, deform_grid, deform_weights), repeats, sync),
+                augment=timed(lambda: [to_input(b, STACK, i) for i, b in enumerate(augment_batches)], repeats, sync),
                 augment_dg=timed(lambda: [to_input(b, dg, i) for i, b in enumerate(augment_batches)], repeats, sync),
                 train_step=timed(lambda: train_steps(our_model, *step_data, batch_size, precision, True), repeats, sync),
                 epoch=timed(lambda: epoch_ours(our_model, precision, True), repeats, sync),
@@ -265,6 +282,8 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
         epoch_images / base["augment_writeup"], epoch_images / ours["augment"])
     row("augment_dg", f"ours: 04's stack vs 07's (+ {dg_extras(dg)}); baseline = ours without them",
         epoch_images / ours["augment"], epoch_images / ours["augment_dg"])
+    row("deformable_conv", f"one Pro-RandConv layer on {len(deform_in)} images: grouped deform_conv2d (groups = B) "
+        "vs one grid_sample + einsum", len(deform_in) / deform_conv2d_grouped, len(deform_in) / ours["deformable"])
     row("train_step", f"fp32 NCHW vs {precision} channels_last, both keeping freed memory",
         n_step / fp32_kept, n_step / ours["train_step"])
     row("train_step_allocator", f"fp32 NCHW, glibc defaults vs {precision} channels_last + keep_freed_memory",

@@ -37,7 +37,7 @@ def test_quick_bench_prints_every_row_and_writes_json(tmp_path, capsys):
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "bench.json").read_text())
     names = [r["name"] for r in result["rows"]]
-    assert names == ["augment", "augment_writeup", "augment_dg", "train_step", "train_step_allocator", "epoch", "epoch_precision",
+    assert names == ["augment", "augment_writeup", "augment_dg", "deformable_conv", "train_step", "train_step_allocator", "epoch", "epoch_precision",
                      "epoch_writeup", "eval", "memory"]
     for r in result["rows"]:
         assert r["baseline"] > 0 and r["ours"] > 0 and r["name"] in out
