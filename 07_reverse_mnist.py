@@ -1,30 +1,58 @@
-"""07 · Reverse direction: train on MNIST with the best recipe of 01-06, test on MNIST and SVHN.
+"""07 · Reverse direction: train on MNIST, test on MNIST and on every other digit domain present.
 
-Question: how far does a model trained on clean MNIST digits carry over to street-view SVHN digits?
-Differs from 01_base in the training set (MNIST) and in the recipe: the architecture, optimizer,
-lr, label smoothing and augmentation of the finished 01-06 experiment with the best mean validation
-accuracy in results/, ranked only among runs of one profile (same data, budget, validation) on the
-seeds they share (metrics.json's config.inherited_from says which and why; runs of several profiles
-are refused). With none finished yet, the recipe below is used: 04's (augmentation + label
-smoothing). Flags on the command line win over the inherited recipe; --no-inherit-best uses this
-file's recipe. Saves model.pt for 08. Its domain-generalization choices are 07's own, made on the 554
-real SVHN *train* crops as a target dev set, never on a test set (README "Domain generalization"):
-progressive random convolutions on 3 of 4 images, half the images inverted, the train set's mean/std.
-    python 07_reverse_mnist.py [--train-subset 10000] [--epochs 5] [--prorandconv 0] [--quick]
+Question: how far does a model trained on clean MNIST digits carry over to street-view SVHN digits (and to
+MNIST-M and USPS when their files are present)?
+Differs from 01_base in the training set (MNIST), in 04's augmentation and label smoothing, and in its
+domain-generalization choices below. The recipe is this file's, whatever results/ holds; --inherit-best
+takes the network and optimization recipe of the best finished 01-06 experiment instead (the writeup's
+procedure), and prints and records which. Recipes are chosen on the MNIST validation split and the dev
+domains (MNIST-M and USPS train files), never on SVHN: SVHN is the held-out domain (README "Protocol").
+Saves model.pt, which 08 starts from.
+    python 07_reverse_mnist.py [--train-subset 10000] [--epochs 5] [--inherit-best] [--quick]
 """
-from common import Config, cli, run
+import dataclasses
+from dataclasses import dataclass
 
-CONFIG = Config(
+from common import AUGMENT_04, Config, cli, launch
+from common.experiment import finish, load_data, new_model, start, test, train
+from common.results import best_recipe
+
+
+@dataclass(frozen=True)
+class ReverseConfig(Config):
+    inherit_best: bool = False  # take the recipe of the finished 01-06 run with the best validation accuracy
+
+
+CONFIG = ReverseConfig(
     name="07_reverse_mnist",
     dataset="mnist",      # the variable under study
-    inherit_best=True,
-    epochs=5,             # what the dev-set comparison ran (10k labels: 27-30 min per seed on 2 CPU cores shared with other runs)
-    prorandconv=0.75,     # dev set, seed 0, 5 epochs: 21.1% (none) -> 24.7% (RandConv 0.5) -> 37.7% (this, per-image norm)
-    input_norm="dataset", # with Pro-RandConv, the train-set mean/std beat per-image standardization on the dev set: 45.9% vs 37.7%
-    invert=0.5,           # SVHN has dark-on-light digits too; MNIST alone never shows one (not re-tested on the dev set)
-    label_smoothing=0.1,  # default recipe = 04's, used when no 01-06 run has finished
-    rotate=15, shear=10, translate=0.1, crop_scale=0.25, perspective=0.15, jitter=0.3,
+    epochs=5,             # 10k labels: 10-30 min per seed on 2 CPU cores
+    label_smoothing=0.1,  # 04's recipe ...
+    **AUGMENT_04,
+    invert=0.5,           # ... plus: SVHN has dark-on-light digits too; MNIST alone never shows one
+    prorandconv=0.75,     # new textures and colours on the same shapes; a quarter of the images stay clean
 )
 
+
+def inherit_best(cfg):
+    """The writeup's procedure, opt-in: the best 01-06 recipe, flags on the command line still winning."""
+    recipe, why = best_recipe(cfg)
+    recipe = {k: v for k, v in recipe.items() if k not in cfg.passed}
+    print(f"--inherit-best: {why}; takes {recipe or 'nothing'}")
+    return dataclasses.replace(cfg, **recipe), dict(why=why, fields=recipe)
+
+
+def main(cfg):
+    inherited = None
+    if cfg.inherit_best:
+        cfg, inherited = inherit_best(cfg)
+    with start(cfg, inherited_from=inherited) as run:
+        data = load_data(run)             # MNIST train/val; the test set of every present domain
+        model = new_model(run, data)
+        train(run, model, data)           # the epoch is chosen on the MNIST validation split
+        results = test(run, model, data)  # SVHN, MNIST-M, USPS, MNIST; dev: MNIST-M and USPS train files
+        finish(run, model, data, results) # model.pt: what 08 fine-tunes
+
+
 if __name__ == "__main__":
-    run(cli(CONFIG))
+    launch(main, cli(CONFIG))

@@ -1,5 +1,11 @@
-"""Shared machinery of the numbered experiments: config/CLI, data, models, training, results."""
-from .config import Config, UserError, cli
-from .experiment import run
+"""Shared machinery of the numbered experiments: config/CLI, data, models, training, results.
 
-__all__ = ["Config", "UserError", "cli", "run"]
+01-06 call run(cli(CONFIG)); 07-09 write their procedure with the verbs of common.experiment (start,
+load_data, new_model, train, test, adapt, finish) and launch(main, cli(CONFIG)). Importing the package
+changes no global state.
+"""
+from .config import AUGMENT_04, Config, cli
+from .errors import UserError
+from .experiment import launch, run
+
+__all__ = ["AUGMENT_04", "Config", "UserError", "cli", "launch", "run"]

@@ -12,13 +12,13 @@ divide by the cores both sides were given. Ratios mean something only on an idle
 measures what other processes use before and after, and says so when they load the CPU.
 """
 import argparse
-import dataclasses
 import importlib.util
 import multiprocessing
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,11 +29,14 @@ from torchvision.ops import deform_conv2d
 from torchvision.transforms import v2
 
 from .augment import deformable_convolution, deformable_taps
-from .config import AUGMENT_FIELDS, Config, Parser, UserError
+from .config import AUGMENT_04, AUGMENT_FIELDS, Config, Parser
+from .errors import UserError
 from .models import build_model, flops_per_image, resnet18
-from .train import autocast, batches, keep_freed_memory, pick_device, pick_precision, to_input
+from .plumbing import keep_freed_memory, write_json
+from .results import environment
+from .train import autocast, batches, pick_device, pick_precision, to_input
 
-STACK = Config(rotate=15, shear=10, translate=0.1, crop_scale=0.25, perspective=0.15, jitter=0.3)  # 04's
+STACK = Config(**AUGMENT_04)
 
 
 def dg_stack():
@@ -41,7 +44,7 @@ def dg_stack():
     spec = importlib.util.spec_from_file_location("reverse_mnist", Path(__file__).resolve().parents[1] / "07_reverse_mnist.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    return dataclasses.replace(Config(), **{k: getattr(script.CONFIG, k) for k in AUGMENT_FIELDS + ("prorandconv_layers",)})
+    return Config(**{k: getattr(script.CONFIG, k) for k in AUGMENT_FIELDS + ("prorandconv_layers",)})
 
 
 def dg_extras(cfg):
@@ -175,144 +178,187 @@ def model_flops():
     return {k: v / 1e9 for k, v in counts.items()}
 
 
-def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, compile=False):
+@dataclass
+class Setup:
+    """What every timing of one bench run shares: device, cores, the same images and initial weights."""
+    device: torch.device
+    precision: str
+    cores: int
+    batch_size: int
+    repeats: int
+    width: int
+    workers: int
+    data: torch.Tensor          # uint8 images on the host (the DataLoader sides read them there)
+    labels: torch.Tensor
+    on_device: tuple            # the same images and labels on the device (our side)
+    init: dict                  # one initial state dict for every model
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(self, fn, repeats=None):
+        return timed(fn, repeats or self.repeats, self.sync)
+
+    def fresh(self, channels_last):
+        model = resnet18(width=self.width)
+        model.load_state_dict(self.init)
+        return model.to(self.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    def loader(self, transform):
+        return DataLoader(PerImage(self.data, self.labels, transform), batch_size=self.batch_size, shuffle=True,
+                          drop_last=True, num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                          persistent_workers=self.workers > 0)
+
+    @property
+    def step_images(self):
+        return min(len(self.data), 4 * self.batch_size)
+
+    @property
+    def epoch_images(self):
+        return len(self.data) - len(self.data) % self.batch_size
+
+
+def drain(loader):
+    for _ in loader:
+        pass
+
+
+def epoch_from(s, loader, model, precision, channels_last):
+    """An augmented epoch fed by a DataLoader (the conventional and the writeup's pipelines)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    for xb, yb in loader:
+        xb = xb.to(s.device, non_blocking=True)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with autocast(s.device, precision):
+            loss = F.cross_entropy(model(xb).float(), yb.to(s.device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def epoch_ours(s, model, precision, channels_last):
+    """An augmented epoch of ours: uint8 batches on the device, augmented as tensors."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    generator = torch.Generator(device=s.device).manual_seed(0)
+    for step, (xb, yb) in enumerate(batches(*s.on_device, s.batch_size, generator)):
+        inputs = to_input(xb, STACK, step)
+        if not channels_last:
+            inputs = inputs.contiguous()
+        with autocast(s.device, precision):
+            loss = F.cross_entropy(model(inputs).float(), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+@torch.inference_mode()
+def evaluate_all(s, model, precision, channels_last):
+    model.eval()
+    for xb, _ in batches(*s.on_device, 512):
+        with autocast(s.device, precision):
+            model(to_input(xb) if channels_last else xb.float() / 255)
+
+
+def time_baselines(s, models):
+    """The baselines first, with glibc's default allocator settings, as a user's script runs them."""
+    step_data = s.on_device[0][:s.step_images], s.on_device[1][:s.step_images]
+    conventional, writeup = s.loader(v2_transform(STACK)), s.loader(pil_transform(STACK))
+    return dict(augment=s.timed(lambda: drain(conventional)), augment_writeup=s.timed(lambda: drain(writeup)),
+                train_step=s.timed(lambda: train_steps(models["fp32"], *step_data, s.batch_size, "fp32", False)),
+                epoch=s.timed(lambda: epoch_from(s, conventional, models["conventional"], s.precision, True)),
+                epoch_writeup=s.timed(lambda: epoch_from(s, writeup, models["writeup"], "fp32", False),
+                                      max(1, s.repeats - 1)),
+                eval=s.timed(lambda: evaluate_all(s, models["fp32"], "fp32", False)))
+
+
+def time_ours(s, models):
+    """Ours, with what a script's process sets up (keep_freed_memory): this cannot be undone within the process."""
+    keep_freed_memory()
+    step_data = s.on_device[0][:s.step_images], s.on_device[1][:s.step_images]
+    augment_batches = s.on_device[0][:s.epoch_images].split(s.batch_size)
+    dg = dg_stack()
+    deform_in, deform_grid, deform_weights, grouped_args = deformable_inputs(augment_batches[0])
+    return dict(deform_conv2d_grouped=s.timed(lambda: deform_conv2d(*grouped_args)), deformable_images=len(deform_in),
+                deformable=s.timed(lambda: deformable_convolution(deform_in, deform_grid, deform_weights)),
+                augment=s.timed(lambda: [to_input(b, STACK, i) for i, b in enumerate(augment_batches)]),
+                augment_dg=s.timed(lambda: [to_input(b, dg, i) for i, b in enumerate(augment_batches)]),
+                train_step=s.timed(lambda: train_steps(models["ours"], *step_data, s.batch_size, s.precision, True)),
+                epoch=s.timed(lambda: epoch_ours(s, models["ours"], s.precision, True)),
+                epoch_fp32=s.timed(lambda: epoch_ours(s, s.fresh(False), "fp32", False), max(1, s.repeats - 1)),
+                eval=s.timed(lambda: evaluate_all(s, models["ours"], s.precision, True)),
+                fp32_kept=s.timed(lambda: train_steps(models["fp32"], *step_data, s.batch_size, "fp32", False)))
+
+
+def make_rows(s, base, ours, compiled=None):
+    """The table: (name, what the two sides are, baseline, ours) per row; ratio > 1 means ours is better."""
+    n_step, n_epoch, p = s.step_images, s.epoch_images, s.precision
+    loader_side = f"DataLoader, {s.workers} worker(s)"
+    specs = [
+        ("augment", f"04's stack: v2 per image, {loader_side} vs batches of {s.batch_size}", base["augment"], ours["augment"], n_epoch),
+        ("augment_writeup", f"04's stack: PIL per image, {loader_side} vs batches of {s.batch_size}",
+         base["augment_writeup"], ours["augment"], n_epoch),
+        ("augment_dg", f"ours: 04's stack vs 07's (+ {dg_extras(dg_stack())}); baseline = ours without them",
+         ours["augment"], ours["augment_dg"], n_epoch),
+        ("deformable_conv", f"one Pro-RandConv layer on {ours['deformable_images']} images: grouped deform_conv2d "
+         "(groups = B) vs one grid_sample + einsum", ours["deform_conv2d_grouped"], ours["deformable"], ours["deformable_images"]),
+        ("train_step", f"fp32 NCHW vs {p} channels_last, both keeping freed memory", ours["fp32_kept"], ours["train_step"], n_step),
+        ("train_step_allocator", f"fp32 NCHW, glibc defaults vs {p} channels_last + keep_freed_memory",
+         base["train_step"], ours["train_step"], n_step)]
+    if compiled is not None:
+        specs.append(("train_step_compiled", f"{p}: not compiled vs torch.compile", ours["train_step"], compiled, n_step))
+    specs += [
+        ("epoch", f"augmented, both {p} channels_last: v2 {loader_side} vs uint8 on the device (pipeline gain)",
+         base["epoch"], ours["epoch"], n_epoch),
+        ("epoch_precision", f"ours augmented: fp32 NCHW vs {p} channels_last (precision gain)", ours["epoch_fp32"],
+         ours["epoch"], n_epoch),
+        ("epoch_writeup", f"augmented: PIL {loader_side}, fp32 NCHW vs ours {p} channels_last", base["epoch_writeup"],
+         ours["epoch"], n_epoch),
+        ("eval", f"fp32 NCHW vs {p} channels_last", base["eval"], ours["eval"], len(s.data))]
+    return [dict(name=name, detail=detail, baseline=n / t_base, ours=n / t_ours, unit="images/s", ratio=t_base / t_ours,
+                 baseline_per_core=n / t_base / s.cores, ours_per_core=n / t_ours / s.cores)
+            for name, detail, t_base, t_ours, n in specs]
+
+
+def setup(device, batch_size, images, repeats, quick):
     device = pick_device(device)
-    precision = pick_precision("auto", device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(cores)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if quick:
         images, repeats, batch_size = 64, 1, 32
-    load_before = others_load(0.2 if quick else 1.0)
     torch.manual_seed(0)
     data = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (images,))
-    on_device = data.to(device), labels.to(device)
     width = 16 if quick else 64
-    n_step, epoch_images = min(images, 4 * batch_size), images - images % batch_size
-    step_data = on_device[0][:n_step], on_device[1][:n_step]
-    generator = torch.Generator(device=device).manual_seed(0)
-    init = resnet18(width=width).state_dict()
-    workers = 0 if quick else cores
+    return Setup(device, pick_precision("auto", device), cores, batch_size, repeats, width, 0 if quick else cores,
+                 data, labels, (data.to(device), labels.to(device)), resnet18(width=width).state_dict())
 
-    def fresh(channels_last):
-        model = resnet18(width=width)
-        model.load_state_dict(init)
-        return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
-    def loader(transform):
-        return DataLoader(PerImage(data, labels, transform), batch_size=batch_size, shuffle=True, drop_last=True,
-                          num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-
-    conventional, writeup = loader(v2_transform(STACK)), loader(pil_transform(STACK))
-
-    def drain(loader_):
-        for _ in loader_:
-            pass
-
-    def epoch_from(loader_, model, precision_, channels_last):
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        model.train()
-        for xb, yb in loader_:
-            xb = xb.to(device, non_blocking=True)
-            if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision_):
-                loss = F.cross_entropy(model(xb).float(), yb.to(device, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-    def epoch_ours(model, precision_, channels_last):
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        model.train()
-        for step, (xb, yb) in enumerate(batches(*on_device, batch_size, generator)):
-            inputs = to_input(xb, STACK, step)
-            if not channels_last:
-                inputs = inputs.contiguous()
-            with autocast(device, precision_):
-                loss = F.cross_entropy(model(inputs).float(), yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-    @torch.inference_mode()
-    def evaluate(model, precision_, channels_last):
-        model.eval()
-        for xb, _ in batches(*on_device, 512):
-            with autocast(device, precision_):
-                model(to_input(xb) if channels_last else xb.float() / 255)
-
-    fp32_model, conventional_model, writeup_model, our_model = fresh(False), fresh(True), fresh(False), fresh(True)
-    # The baselines first, with glibc's default allocator settings, as a user's script runs ...
-    base = dict(augment=timed(lambda: drain(conventional), repeats, sync),
-                augment_writeup=timed(lambda: drain(writeup), repeats, sync),
-                train_step=timed(lambda: train_steps(fp32_model, *step_data, batch_size, "fp32", False), repeats, sync),
-                epoch=timed(lambda: epoch_from(conventional, conventional_model, precision, True), repeats, sync),
-                epoch_writeup=timed(lambda: epoch_from(writeup, writeup_model, "fp32", False), max(1, repeats - 1), sync),
-                eval=timed(lambda: evaluate(fp32_model, "fp32", False), repeats, sync))
-    # ... then ours, with what fit() sets up; this cannot be undone within the process.
-    keep_freed_memory(device)
-    augment_batches = on_device[0][:epoch_images].split(batch_size)
-    dg = dg_stack()
-    deform_in, deform_grid, deform_weights, grouped_args = deformable_inputs(augment_batches[0])
-    deform_conv2d_grouped = timed(lambda: deform_conv2d(*grouped_args), repeats, sync)
-    ours = dict(deformable=timed(lambda: deformable_convolution(deform_in, deform_grid, deform_weights), repeats, sync),
-                augment=timed(lambda: [to_input(b, STACK, i) for i, b in enumerate(augment_batches)], repeats, sync),
-                augment_dg=timed(lambda: [to_input(b, dg, i) for i, b in enumerate(augment_batches)], repeats, sync),
-                train_step=timed(lambda: train_steps(our_model, *step_data, batch_size, precision, True), repeats, sync),
-                epoch=timed(lambda: epoch_ours(our_model, precision, True), repeats, sync),
-                epoch_fp32=timed(lambda: epoch_ours(fresh(False), "fp32", False), max(1, repeats - 1), sync),
-                eval=timed(lambda: evaluate(our_model, precision, True), repeats, sync))
-    fp32_kept = timed(lambda: train_steps(fp32_model, *step_data, batch_size, "fp32", False), repeats, sync)
-
-    rows = []
-
-    def row(name, detail, baseline, ours_, unit="images/s", higher_is_better=True):
-        ratio = ours_ / baseline if higher_is_better else baseline / ours_
-        per_core = unit == "images/s"
-        rows.append(dict(name=name, detail=detail, baseline=baseline, ours=ours_, unit=unit, ratio=ratio,
-                         baseline_per_core=baseline / cores if per_core else None,
-                         ours_per_core=ours_ / cores if per_core else None))
-
-    loader_side = f"DataLoader, {workers} worker(s)"
-    row("augment", f"04's stack: v2 per image, {loader_side} vs batches of {batch_size}",
-        epoch_images / base["augment"], epoch_images / ours["augment"])
-    row("augment_writeup", f"04's stack: PIL per image, {loader_side} vs batches of {batch_size}",
-        epoch_images / base["augment_writeup"], epoch_images / ours["augment"])
-    row("augment_dg", f"ours: 04's stack vs 07's (+ {dg_extras(dg)}); baseline = ours without them",
-        epoch_images / ours["augment"], epoch_images / ours["augment_dg"])
-    row("deformable_conv", f"one Pro-RandConv layer on {len(deform_in)} images: grouped deform_conv2d (groups = B) "
-        "vs one grid_sample + einsum", len(deform_in) / deform_conv2d_grouped, len(deform_in) / ours["deformable"])
-    row("train_step", f"fp32 NCHW vs {precision} channels_last, both keeping freed memory",
-        n_step / fp32_kept, n_step / ours["train_step"])
-    row("train_step_allocator", f"fp32 NCHW, glibc defaults vs {precision} channels_last + keep_freed_memory",
-        n_step / base["train_step"], n_step / ours["train_step"])
+def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, compile=False):
+    s = setup(device, batch_size, images, repeats, quick)
+    load_before = others_load(0.2 if quick else 1.0)
+    models = dict(fp32=s.fresh(False), conventional=s.fresh(True), writeup=s.fresh(False), ours=s.fresh(True))
+    base = time_baselines(s, models)
+    ours = time_ours(s, models)
+    compiled = None
     if compile:
-        compiled = torch.compile(fresh(True))
-        t_comp = timed(lambda: train_steps(compiled, *step_data, batch_size, precision, True), repeats, sync)
-        row("train_step_compiled", f"{precision}: not compiled vs torch.compile", n_step / ours["train_step"], n_step / t_comp)
-    row("epoch", f"augmented, both {precision} channels_last: v2 {loader_side} vs uint8 on the device (pipeline gain)",
-        epoch_images / base["epoch"], epoch_images / ours["epoch"])
-    row("epoch_precision", f"ours augmented: fp32 NCHW vs {precision} channels_last (precision gain)",
-        epoch_images / ours["epoch_fp32"], epoch_images / ours["epoch"])
-    row("epoch_writeup", f"augmented: PIL {loader_side}, fp32 NCHW vs ours {precision} channels_last",
-        epoch_images / base["epoch_writeup"], epoch_images / ours["epoch"])
-    row("eval", f"fp32 NCHW vs {precision} channels_last", images / base["eval"], images / ours["eval"])
+        model = torch.compile(s.fresh(True))
+        step_data = s.on_device[0][:s.step_images], s.on_device[1][:s.step_images]
+        compiled = s.timed(lambda: train_steps(model, *step_data, s.batch_size, s.precision, True))
+    rows = make_rows(s, base, ours, compiled)
     torchvision_mb, ours_mb, rss_mb = memory_row(scale=100 if quick else 1)
-    row("memory", "4 datasets held: torchvision's uint8 (MNIST 28x28) vs ours uint8 (MNIST 32x32, grey once)",
-        torchvision_mb, ours_mb, "MiB", higher_is_better=False)
-    load_after = others_load(0.2 if quick else 1.0)
-    dg_cost = (ours["augment_dg"] / epoch_images) / (ours["train_step"] / n_step)
-    return dict(device=str(device), device_name=_device_name(device), precision=precision, images=images,
-                dg_augment_share_of_train_step=dg_cost, dg_augmentation=dg_extras(dg),
-                batch_size=batch_size, cores=cores, threads=torch.get_num_threads(), process_rss_mib=rss_mb,
-                others_load_before=load_before, others_load_after=load_after, flops_g=model_flops(), rows=rows)
-
-
-def _device_name(device):
-    from .results import environment
-    return environment(device, "")["device_name"]
+    rows.append(dict(name="memory", detail="4 datasets held: torchvision's uint8 (MNIST 28x28) vs ours uint8 (MNIST "
+                     "32x32, grey once)", baseline=torchvision_mb, ours=ours_mb, unit="MiB", ratio=torchvision_mb / ours_mb,
+                     baseline_per_core=None, ours_per_core=None))
+    dg_cost = (ours["augment_dg"] / s.epoch_images) / (ours["train_step"] / s.step_images)
+    return dict(device=str(s.device), device_name=environment(s.device, "")["device_name"], precision=s.precision,
+                images=len(s.data), dg_augment_share_of_train_step=dg_cost, dg_augmentation=dg_extras(dg_stack()),
+                batch_size=s.batch_size, cores=s.cores, threads=torch.get_num_threads(), process_rss_mib=rss_mb,
+                others_load_before=load_before, others_load_after=others_load(0.2 if quick else 1.0),
+                flops_g=model_flops(), rows=rows)
 
 
 def table(result):
@@ -360,10 +406,9 @@ def main(argv=None):
     try:
         result = bench(args.device, args.batch_size, args.images, args.repeats, args.quick, args.compile)
     except UserError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}")  # a module of its own, not a run: the same one line, exit 1
     print(table(result))
     if args.json:
-        from .results import write_json
         try:
             write_json(args.json, result)
         except OSError as e:

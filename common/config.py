@@ -1,4 +1,8 @@
-"""The one block of knobs every experiment shares, and the CLI derived from it."""
+"""The one block of knobs every experiment shares, and the CLI derived from it.
+
+A script that needs knobs of its own (07's recipe inheritance, 08's sweep) subclasses Config in its own
+file; cli() builds the parser from whichever class it is given. The parser does no I/O.
+"""
 import argparse
 import dataclasses
 import inspect
@@ -8,9 +12,17 @@ import re
 import sys
 from dataclasses import dataclass
 
+from .errors import UserError
 
-class UserError(Exception):
-    """A mistake the user can fix (bad flag value, missing file): printed as one line, exit 1."""
+# 04's augmentation strengths, shared by 04, 07, 08, 09 and the bench (one place).
+AUGMENT_04 = dict(
+    rotate=15,        # degrees: house numbers are photographed a little tilted, never upside down
+    shear=10,         # degrees
+    translate=0.1,    # SVHN crops are not centred exactly on the digit
+    crop_scale=0.25,  # keep 75-100% of the area: a tighter crop still shows the digit whole
+    perspective=0.15, # street-view photos are taken at an angle
+    jitter=0.3,       # brightness, contrast, saturation: lighting varies from house to house
+)
 
 
 @dataclass(frozen=True)
@@ -18,23 +30,19 @@ class Config:
     name: str = "01_base"           # results/<name>/ ; equals the script's file stem
     # data
     dataset: str = "svhn"           # training set: svhn | mnist (MNIST is resized to 3x32x32)
-    data_dir: str = "data"          # torchvision layout: D/train_32x32.mat, D/MNIST/raw/*-ubyte
+    data_dir: str = "data"          # torchvision layout: D/train_32x32.mat, D/MNIST/raw/*-ubyte, D/USPS, D/mnist_m
     results_dir: str = "results"    # runs go to <results-dir>/<name>/seed-<seed>/
     val_fraction: float = 0.05      # carved from train with a fixed seed; the only set that picks an epoch
     train_subset: int = 0           # >0: seeded stratified subset of the training split (CPU runs); alias --subset-size
-    eval_subset: int = 0            # >0: stratified cap on val and test sets, for smoke runs only
+    eval_subset: int = 0            # >0: stratified cap on val, dev and test sets, for smoke runs only
     # model
     arch: str = "resnet18"          # resnet18 (32x32 stem, ours) | imagenet_resnet18 (torchvision's, ImageNet weights)
     pretrained: bool = True         # imagenet_resnet18: ImageNet weights; --no-pretrained = same adapter, random init (05's control)
     norm: str = "batch"             # batch | none: the variable of 02
-    input_norm: str = "dataset"     # dataset (train-set mean/std) | image (each image by its own: no brightness/contrast cue)
+    input_norm: str = "dataset"     # dataset (train-split mean/std) | image (each image by its own: no brightness/contrast cue)
     width: int = 64                 # channels of the first stage; 64 is ResNet-18, tests shrink it for speed
     transfer_input: str = "upsample64"  # imagenet_resnet18 only: upsample64 | upsample224 | stem3x3 (see models.py)
     weights: str = ""               # imagenet_resnet18: a state-dict file; empty = torchvision's cache (download if online)
-    init_from: str = ""             # an experiment whose seed-matched model.pt initializes this run (08 <- 07)
-    inherit_best: bool = False      # take the recipe of the 01-06 run with the best validation accuracy (07)
-    inherited_from: str = ""        # filled in by inherit_best: which run the recipe came from and why
-    overrides: str = ""             # filled in by cli(): the fields given on the command line, comma-separated
     # optimization
     epochs: int = 15                # enough for the one-cycle schedule to converge on full SVHN
     batch_size: int = 128
@@ -44,9 +52,8 @@ class Config:
     weight_decay: float = 5e-4      # applied to every parameter; 5e-4 is the usual value for ResNets on 32x32 digits
     warmup: float = 0.2             # fraction of all steps spent ramping the lr up (OneCycle pct_start)
     label_smoothing: float = 0.0    # epsilon of torch's CrossEntropyLoss (03)
-    scratch_lr: float = 0.1         # 08 --sweep: peak lr of the from-scratch arm (01's: nothing pretrained to protect)
-    # augmentation (04); all zero = off
-    rotate: float = 0.0             # max rotation, degrees
+    # augmentation
+    rotate: float = 0.0             # max rotation, degrees (04: 15)
     shear: float = 0.0              # max shear, degrees
     translate: float = 0.0          # max shift, fraction of the image size
     crop_scale: float = 0.0         # resized crop keeps an area in [1 - crop_scale, 1]
@@ -58,9 +65,10 @@ class Config:
     prorandconv_layers: int = 10    # Pro-RandConv's L ~ U{1..this}: more layers, larger and stranger textures (the paper's digit value)
     consistency: float = 0.0        # weight of the Jensen-Shannon consistency across augmented views (AugMix); 0 = one view, no extra cost
     views: int = 2                  # augmented views per image when --consistency > 0: each extra view costs one more forward/backward
-    tta: str = "none"               # none | bn | tent | bn,tent: test-time adaptation to the unlabelled cross-domain test set, reported apart (test_tta)
+    # cross-domain
+    tta: str = "none"               # none | bn | tent | bn,tent: test-time adaptation to each unlabelled target test set, reported apart (test_tta)
     # runtime
-    seed: int = 0                   # model init, batch order and augmentation; the val split stays fixed
+    seed: int = 0                   # model init, batch order, augmentation and the --train-subset draw; the val split stays fixed
     device: str = "auto"            # auto | cpu | cuda
     amp: str = "auto"               # auto: bf16 on native hardware (CUDA >= 8.0, CPUs with AVX512-BF16/AMX), fp16 + GradScaler on older CUDA, else fp32 | bf16 | fp16 | off
     deterministic: bool = False     # deterministic kernels, cuDNN autotuning off: exact resume on CUDA (CPU is exact anyway)
@@ -69,89 +77,99 @@ class Config:
     quick: bool = False             # smoke profile: 256 images, 1 epoch, under <results-dir>/quick/
     resume: bool = False            # continue the interrupted run of this config from its checkpoint
     restart: bool = False           # discard an interrupted run's saved epochs and start over (never done unasked)
-    sweep: bool = False             # 08: label-efficiency sweep, fine-tuned vs from scratch
-    sweep_sizes: str = "100,300,1000,3000,10000"  # labelled-subset sizes of the sweep
+    overrides: str = ""             # not a flag: cli() records the fields given on the command line, comma-separated
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):  # a config written in code gets the checks the CLI's parsing gives
-            value = getattr(self, f.name)
-            if f.type is float and not (isinstance(value, (int, float)) and math.isfinite(value)):
-                raise UserError(f"--{flag(f.name)} must be a finite number, got {value!r}")
-        choices = dict(dataset=("svhn", "mnist"), arch=("resnet18", "imagenet_resnet18"), norm=("batch", "none"),
-                       input_norm=("dataset", "image"),
-                       transfer_input=("upsample64", "upsample224", "stem3x3"), optimizer=("sgd", "adamw"),
-                       device=("auto", "cpu", "cuda"), amp=("auto", "bf16", "fp16", "off"), tta=("none", "bn", "tent", "bn,tent"))
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise UserError(f"--{flag(key)} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
-            raise UserError(f"--name must be a plain folder name (letters, digits, _ . -), got {self.name!r}")
-        for key in ("epochs", "batch_size", "lr", "scratch_lr", "width", "warmup", "prorandconv_layers", "views"):
-            if not getattr(self, key) > 0:
-                raise UserError(f"--{flag(key)} must be > 0, got {getattr(self, key)}")
-        for key in ("seed", "train_subset", "eval_subset", "weight_decay", "consistency", "rotate", "shear", "translate",
-                    "crop_scale", "perspective", "jitter", "invert"):
-            if getattr(self, key) < 0:
-                raise UserError(f"--{flag(key)} must be >= 0, got {getattr(self, key)}")
-        for key in ("warmup", "momentum", "label_smoothing", "crop_scale", "jitter", "invert", "randconv", "prorandconv"):
-            if not 0 <= getattr(self, key) < 1:
-                raise UserError(f"--{flag(key)} must be in [0, 1), got {getattr(self, key)}")
-        limits = dict(seed=(2**31 - 1, "it seeds numpy too"), rotate=(180, "degrees"), shear=(60, "degrees"),
-                      translate=(0.5, "of the image size"), perspective=(0.5, "of the image size"),
-                      width=(1024, "channels"), prorandconv_layers=(50, "layers"), views=(8, "views"))
-        for key, (most, unit) in limits.items():
-            if getattr(self, key) > most:
-                raise UserError(f"--{flag(key)} must be at most {most} ({unit}), got {getattr(self, key)}")
-        if not 0 < self.val_fraction <= 0.5:
-            raise UserError(f"--val-fraction must be in (0, 0.5], got {self.val_fraction}: epochs are chosen on "
-                            "validation, never on test, and most labelled images should train")
-        if self.consistency and self.views < 2:
-            raise UserError(f"--consistency compares augmented views: it needs --views >= 2, got {self.views}")
-        if self.consistency and not self.augments:
-            raise UserError("--consistency compares augmented views, and no augmentation is on: identical views")
-        if self.tta != "none" and self.norm == "none" and self.arch == "resnet18":
-            raise UserError(f"--tta {self.tta} adapts BatchNorm layers: it needs --norm batch")
-        if self.resume and self.restart:
-            raise UserError("--resume continues the saved run and --restart discards it: pass one of them")
-        try:
-            self.sizes
-        except ValueError:
-            raise UserError(f"--sweep-sizes must be comma-separated positive integers, got {self.sweep_sizes!r}")
-
-    @property
-    def sizes(self):
-        sizes = [int(s) for s in self.sweep_sizes.split(",")]
-        if not sizes or min(sizes) <= 0:
-            raise ValueError(self.sweep_sizes)
-        return sizes
+        check_fields(self)
+        check_combinations(self)
 
     @property
     def augments(self):
         return any(getattr(self, k) > 0 for k in AUGMENT_FIELDS)
 
+    @property
+    def passed(self):
+        """The fields given on the command line."""
+        return set(self.overrides.split(",")) - {""}
+
 
 AUGMENT_FIELDS = ("rotate", "shear", "translate", "crop_scale", "perspective", "jitter", "invert", "randconv",
                   "prorandconv")
-# What 07 copies from the best earlier run: how the network is built and trained. Not the data, and not
-# the cross-domain choices (input_norm, invert, randconv, prorandconv), which 01-06 on SVHN cannot rank.
-RECIPE_FIELDS = ("arch", "norm", "width", "transfer_input", "weights", "optimizer", "lr", "momentum",
-                 "weight_decay", "warmup", "label_smoothing", "batch_size", "rotate", "shear", "translate",
-                 "crop_scale", "perspective", "jitter")
-ALIASES = {"train_subset": ["--subset-size"]}
+CHOICES = dict(dataset=("svhn", "mnist"), arch=("resnet18", "imagenet_resnet18"), norm=("batch", "none"),
+               input_norm=("dataset", "image"), transfer_input=("upsample64", "upsample224", "stem3x3"),
+               optimizer=("sgd", "adamw"), device=("auto", "cpu", "cuda"), amp=("auto", "bf16", "fp16", "off"),
+               tta=("none", "bn", "tent", "bn,tent"))
+POSITIVE = ("epochs", "batch_size", "lr", "width", "warmup", "prorandconv_layers", "views")
+NON_NEGATIVE = ("seed", "train_subset", "eval_subset", "weight_decay", "consistency", "rotate", "shear", "translate",
+                "crop_scale", "perspective", "jitter", "invert")
+FRACTIONS = ("warmup", "momentum", "label_smoothing", "crop_scale", "jitter", "invert", "randconv", "prorandconv")
+AT_MOST = dict(seed=(2**31 - 1, "it seeds numpy too"), rotate=(180, "degrees"), shear=(60, "degrees"),
+               translate=(0.5, "of the image size"), perspective=(0.5, "of the image size"),
+               width=(1024, "channels"), prorandconv_layers=(50, "layers"), views=(8, "views"))
 
 
 def flag(field_name):
-    return field_name.replace("_", "-")
+    return "--" + field_name.replace("_", "-")
 
 
-def _field_comments():
-    """The why-comment after each field above, reused as its --help text (one source of truth)."""
-    comments = {}
-    for line in inspect.getsource(Config).splitlines():
-        match = re.match(r"\s+(\w+): \w+ = .*?#\s*(.*)$", line)
-        if match:
-            comments[match[1]] = match[2]
-    return comments
+def check_fields(cfg):
+    """Each field alone: a config written in code gets the checks the CLI's parsing gives."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.type is float and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise UserError(f"{flag(f.name)} must be a finite number, got {value!r}")
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise UserError(f"{flag(key)} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.name):
+        raise UserError(f"--name must be a plain folder name (letters, digits, _ . -), got {cfg.name!r}")
+    rules = ([(k, lambda v: v > 0, "> 0") for k in POSITIVE] + [(k, lambda v: v >= 0, ">= 0") for k in NON_NEGATIVE]
+             + [(k, lambda v: 0 <= v < 1, "in [0, 1)") for k in FRACTIONS])
+    for key, holds, wanted in rules:
+        if not holds(getattr(cfg, key)):
+            raise UserError(f"{flag(key)} must be {wanted}, got {getattr(cfg, key)}")
+    for key, (most, unit) in AT_MOST.items():
+        if getattr(cfg, key) > most:
+            raise UserError(f"{flag(key)} must be at most {most} ({unit}), got {getattr(cfg, key)}")
+    if not 0 < cfg.val_fraction <= 0.5:
+        raise UserError(f"--val-fraction must be in (0, 0.5], got {cfg.val_fraction}: epochs are chosen on "
+                        "validation, never on test, and most labelled images should train")
+
+
+def check_combinations(cfg):
+    """Fields that only make sense together."""
+    if cfg.consistency and cfg.views < 2:
+        raise UserError(f"--consistency compares augmented views: it needs --views >= 2, got {cfg.views}")
+    if cfg.consistency and not cfg.augments:
+        raise UserError("--consistency compares augmented views, and no augmentation is on: identical views")
+    if cfg.tta != "none" and cfg.norm == "none" and cfg.arch == "resnet18":
+        raise UserError(f"--tta {cfg.tta} adapts BatchNorm layers: it needs --norm batch")
+    if cfg.resume and cfg.restart:
+        raise UserError("--resume continues the saved run and --restart discards it: pass one of them")
+
+
+ALIASES = {"train_subset": ["--subset-size"]}
+HIDDEN = ("overrides",)
+
+
+def field_docs(config_class):
+    """{field: (group, why-comment)} from the class source and its bases: the comment after each field is its
+    --help text, the `# section` line above it its argparse group (one source of truth)."""
+    docs = {}
+    for cls in reversed(config_class.__mro__[:-1]):
+        group = "script" if cls is not Config else "general"
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):  # defined where no source can be found (a REPL): flags without help text
+            continue
+        for line in source.splitlines():
+            section = re.fullmatch(r"\s+# (\S.*)", line)
+            if section:
+                group = section[1]
+            match = re.match(r"\s+(\w+): \w+ = .*?(?:#\s*(.*))?$", line)
+            if match:
+                docs[match[1]] = (group if cls is Config else f"{config_class.__name__} only", match[2] or "")
+    return docs
 
 
 class Parser(argparse.ArgumentParser):
@@ -174,37 +192,45 @@ def parse_number(kind):
     return parse
 
 
-HIDDEN = ("inherited_from", "overrides")  # filled in by cli(), not flags
+def add_flag(group, f, default, why):
+    names = [flag(f.name)] + ALIASES.get(f.name, [])
+    help_text = f"{why} (default: {default!r})".replace("%", "%%")
+    if f.type is bool:
+        group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+    else:  # the annotation, not the default's type: rotate=15 in a script still takes --rotate 12.5
+        kind = parse_number(f.type) if f.type in (int, float) else f.type
+        group.add_argument(*names, dest=f.name, type=kind, metavar=f.name.upper(), help=help_text)
+
+
+def build_parser(config):
+    """Flags in groups; the first group is what this script changes from 01_base, so --help leads with it."""
+    main = sys.modules.get("__main__")
+    parser = Parser(description=getattr(main, "__doc__", None), formatter_class=argparse.RawDescriptionHelpFormatter,
+                    argument_default=argparse.SUPPRESS, usage="%(prog)s [--flag VALUE ...]  (flags by group below)")
+    docs = field_docs(type(config))
+    base = Config()
+    fields = [f for f in dataclasses.fields(config) if f.name not in HIDDEN]
+    changed = [f for f in fields if f.name not in dataclasses.asdict(base) or
+               (f.name != "name" and getattr(config, f.name) != getattr(base, f.name))]
+    groups = {}
+    if changed:
+        groups["changed"] = parser.add_argument_group(f"what {config.name} changes from 01_base (or adds)")
+    for f in fields:
+        group_name = "changed" if f in changed else docs.get(f.name, ("general", ""))[0]
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        add_flag(groups[group_name], f, getattr(config, f.name), docs.get(f.name, ("", ""))[1])
+    return parser
 
 
 def cli(config, argv=None):
-    """Parse flags over a script's CONFIG: only flags that were passed override it."""
-    main = sys.modules.get("__main__")
-    parser = Parser(description=getattr(main, "__doc__", None), formatter_class=argparse.RawDescriptionHelpFormatter,
-                    argument_default=argparse.SUPPRESS)
-    comments = _field_comments()
-    for f in dataclasses.fields(Config):
-        if f.name in HIDDEN:
-            continue
-        default = getattr(config, f.name)
-        names = [f"--{flag(f.name)}"] + ALIASES.get(f.name, [])
-        help_text = f"{comments.get(f.name, '')} (default: {default!r})".replace("%", "%%")
-        if f.type is bool:
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
-        else:  # the annotation, not the default's type: rotate=15 in a script still takes --rotate 12.5
-            kind = parse_number(f.type) if f.type in (int, float) else f.type
-            parser.add_argument(*names, dest=f.name, type=kind, metavar=f.name.upper(), help=help_text)
+    """Parse flags over a script's CONFIG: only flags that were passed override it (dataclasses.replace)."""
+    parser = build_parser(config)
     passed = vars(parser.parse_args(argv))
     name = passed.get("name", config.name)
     if name != config.name and re.match(r"\d\d_", name):
         parser.error(f"--name {name}: NN_* names belong to the numbered scripts; this is {config.name}")
     try:
-        resolved = dataclasses.replace(config, **passed, overrides=",".join(sorted(passed)))
-        if resolved.inherit_best:
-            from .results import best_recipe
-            recipe, source = best_recipe(resolved)
-            recipe = {k: v for k, v in recipe.items() if k not in passed}  # flags on the command line win
-            resolved = dataclasses.replace(resolved, **recipe, inherited_from=source)
+        return dataclasses.replace(config, **passed, overrides=",".join(sorted(passed)))
     except UserError as e:
         parser.error(str(e))
-    return resolved

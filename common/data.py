@@ -1,8 +1,10 @@
-"""SVHN and MNIST as uint8 N x 3 x 32 x 32 tensors with int64 labels 0-9, plus splits and subsets.
+"""The digit domains as uint8 N x 3 x 32 x 32 tensors with int64 labels 0-9, plus splits and subsets.
 
+SVHN and MNIST are the study's two datasets: a missing file is downloaded through torchvision into a
+temporary folder and moved into place only when complete, or the run stops with one line. MNIST-M and
+USPS are extra test domains: used when their files are present, skipped and named when not (no download).
 Files are read by structure (keys, shapes, dtype, label range), so honest subsets and test fixtures
-load; torchvision's checksums apply only to what it downloads. A missing file is downloaded through
-torchvision into a temporary folder and moved into place only when complete.
+load; torchvision's checksums apply only to what it downloads.
 """
 import shutil
 import tempfile
@@ -13,9 +15,13 @@ import scipy.io
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 
-from .config import UserError
+from .errors import UserError
 
+DOMAINS = ("svhn", "mnist", "mnistm", "usps")
+TITLES = dict(svhn="SVHN", mnist="MNIST", mnistm="MNIST-M", usps="USPS")
+OPTIONAL = ("mnistm", "usps")  # tested on when present; never downloaded, never an error when absent
 SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -25,13 +31,20 @@ HOW_TO_PROVIDE = ("Run once with internet access to download it, or copy the off
 
 
 def load(dataset, split, root):
-    """(images uint8 N x 3 x 32 x 32, labels int64 N) of one split of svhn or mnist under root."""
+    """(images uint8 N x 3 x 32 x 32, labels int64 N) of one split of a domain under root; None for an optional
+    domain whose files are absent."""
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise UserError(f"--data-dir {root} is a file, not a folder")
-    if dataset == "svhn":
-        return _load_svhn(root, split)
-    return _load_mnist(root, split)
+    loaders = dict(svhn=_load_svhn, mnist=_load_mnist, mnistm=_load_mnistm, usps=_load_usps)
+    return loaders[dataset](root, split)
+
+
+def where(dataset, root):
+    """Where a domain's files are looked for, for the line that names a skipped domain."""
+    return dict(svhn=f"{root}/{{train,test}}_32x32.mat", mnist=f"{root}/MNIST/raw",
+                mnistm=f"{root}/mnist_m/mnist_m_{{train,test}}.npz (or the release's PNG folders)",
+                usps=f"{root}/USPS/usps{{,.t}}.bz2")[dataset]
 
 
 def _download(root, files, fetch):
@@ -53,7 +66,10 @@ def _download(root, files, fetch):
 
 
 def _readable(path):
-    """A file we may not open is a permission problem, not a corrupt file: say which."""
+    """A file we may not open is a permission problem, not a corrupt file: say which. Only regular files: a FIFO
+    or a device would block the read or never end."""
+    if not Path(path).is_file():
+        raise UserError(f"{path} is not a regular file")
     try:
         with open(path, "rb") as f:
             f.read(1)
@@ -126,10 +142,72 @@ def _load_mnist(root, split):
     # Resized (bilinear) rather than zero-padded to 32x32: the digit then fills the frame as SVHN's centre
     # digit does, which is the fairer cross-domain test; padding would add a scale shift on top of the style shift.
     # In chunks: float copies of all 60,000 images at once would add ~700 MiB to the loading peak.
+    return grey_to_32(images), labels.long()
+
+
+def grey_to_32(images):
+    """uint8 (N, H, W) grey digits -> (N, 3, 32, 32), bilinear with antialiasing. In chunks: float copies of all
+    60,000 MNIST images at once would add ~700 MiB to the loading peak. Grey stays one channel in memory;
+    expand() shows it as RGB without copying (a third of the memory)."""
     resized = torch.cat([F.interpolate(chunk[:, None].float(), size=(32, 32), mode="bilinear", antialias=True)
                          .round_().clamp_(0, 255).to(torch.uint8) for chunk in images.split(10_000)])
-    # Grey stays one channel in memory; expand() shows it as RGB without copying (a third of the memory).
-    return resized.expand(-1, 3, -1, -1), labels.long()
+    return resized.expand(-1, 3, -1, -1)
+
+
+MNISTM_NPZ = {"train": ("mnist_m_train.npz", "mnist_m_train10k.npz"), "test": ("mnist_m_test.npz",)}
+
+
+def _load_mnistm(root, split):
+    """MNIST-M (Ganin & Lempitsky 2015): an npz with x uint8 (N, 32, 32, 3) and y 0-9, or the release layout
+    mnist_m/mnist_m_<split>/*.png with mnist_m_<split>_labels.txt ("name label" per line)."""
+    folder = root / "mnist_m"
+    npz = next((folder / n for n in MNISTM_NPZ[split] if (folder / n).exists()), None)
+    if npz is not None:
+        _readable(npz)
+        try:
+            with np.load(npz) as arrays:
+                x, y = arrays["x"], arrays["y"]
+        except (KeyError, ValueError, OSError) as e:
+            raise UserError(f"{npz} is not an MNIST-M npz with keys x and y ({type(e).__name__})") from None
+    elif (folder / f"mnist_m_{split}_labels.txt").exists():
+        x, y = _read_mnistm_pngs(folder, split)
+    else:
+        return None
+    if x.dtype != np.uint8 or x.shape[1:] != (32, 32, 3) or len(x) != len(y):
+        raise UserError(f"{npz or folder}: MNIST-M images must be uint8 (N, 32, 32, 3) with one label each, "
+                        f"got {x.dtype} {x.shape} and {len(y)} labels")
+    _check_labels(npz or folder, y, 0, 9)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y.astype("int64"))
+
+
+def _read_mnistm_pngs(folder, split):
+    labels_file = folder / f"mnist_m_{split}_labels.txt"
+    _readable(labels_file)
+    rows = [line.split() for line in labels_file.read_text().splitlines() if line.strip()]
+    if not rows or any(len(r) != 2 or not r[1].isdigit() for r in rows):
+        raise UserError(f"{labels_file}: each line must be 'name label'")
+    images = []
+    for name, _ in rows:
+        path = folder / f"mnist_m_{split}" / name
+        _readable(path)
+        with Image.open(path) as image:
+            images.append(np.asarray(image.convert("RGB")))
+    return np.stack(images), np.array([int(r[1]) for r in rows])
+
+
+def _load_usps(root, split):
+    """USPS in torchvision's files (LIBSVM text, bz2) under D/USPS: 16x16 grey, shown as MNIST is."""
+    path = root / "USPS" / ("usps.bz2" if split == "train" else "usps.t.bz2")
+    if not path.exists():
+        return None
+    _readable(path)
+    try:
+        usps = torchvision.datasets.USPS(root / "USPS", train=split == "train", download=False)
+    except (OSError, ValueError, IndexError, EOFError) as e:
+        raise UserError(f"{path} is not a USPS file in torchvision's format ({type(e).__name__})") from None
+    labels = np.asarray(usps.targets)
+    _check_labels(path, labels, 0, 9)
+    return grey_to_32(torch.from_numpy(usps.data)), torch.from_numpy(labels.astype("int64"))
 
 
 def split_train_val(n, val_fraction, seed=0):

@@ -4,31 +4,17 @@ Launched without torchrun (no WORLD_SIZE), every function here is the single-pro
 default path is unchanged. Under `torchrun --nproc-per-node N`, each process (rank) trains a
 DistributedDataParallel replica on its slice of every global batch; rank 0 alone writes files.
 """
-import ctypes
 import os
-import signal
 
 import torch
 import torch.distributed as dist
 
-from .config import UserError
+from .errors import UserError
+from .plumbing import die_with_launcher
 
 
 def launched():
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def die_with_launcher():
-    """Linux: the kernel kills this worker when torchrun dies. Otherwise a launcher killed with -9 leaves its
-    workers running, finishing the run behind a later --resume's back (seen here)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the launcher died before the line above
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def setup(device):

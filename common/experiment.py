@@ -1,56 +1,88 @@
-"""run(cfg): what every numbered script calls. Data, model, fit(), test, and results written in place."""
+"""The verbs every script's procedure is made of, and run(): the procedure of 01-06.
+
+    with start(cfg) as run:                     # lock, staging folder, checkpoint to resume, provenance
+        data = load_data(run)                   # source train/val; every present domain's test set; dev sets
+        model = new_model(run, data)            # new_model(run, data, source) starts from another run's model
+        train(run, model, data)                 # fit(): the epoch is chosen on the source validation split
+        results = test(run, model, data)        # every present digit domain, and the dev sets
+        results["test_tta"] = adapt(run, model, data)   # optional: each target domain on its own copy
+        finish(run, model, data, results)       # plots, model.pt, metrics.json; swapped in whole
+
+07, 08 and 09 write their own procedure with these verbs; launch(main, cfg) runs it as a process.
+"""
 import contextlib
 import dataclasses
 import random
+import shlex
 import shutil
-import signal
 import sys
 import textwrap
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import data, distributed
-from .config import UserError
+from . import data as datasets, distributed, plumbing
 from .augment import augment
-from .models import build_model, imagenet_weights_file
-from .results import (environment, load_checkpoint, plot_augmented, plot_confusion, plot_curves, read_torch,
-                      restore_checkpoint, run_dir, run_lock, save_checkpoint, save_figure, save_torch, saved_epochs,
-                      staging_dir, swap_in, write_json)
+from .errors import UserError
+from .models import build_model, imagenet_weights_file, set_input_stats
+from .plumbing import read_torch, run_lock, save_torch, staging_dir, swap_in, write_json
+from .results import (environment, load_checkpoint, plot_augmented, plot_confusion, plot_curves, restore_checkpoint,
+                      run_dir, save_checkpoint, saved_epochs)
 from .train import (Diverged, Progress, configure_backends, evaluate, fit, grad_scaler, make_optimizer, make_schedule,
                     pick_device, pick_precision, steps_per_epoch)
 from .tta import adapted_accuracy
 
 QUICK_IMAGES = 256
+DEV_IMAGES = 10_000  # per dev domain: a 0.01-point resolution, and seconds to evaluate
 # What a model.pt fixes about the network: a run initialized from it (08) takes these from it.
 MODEL_FIELDS = ("arch", "norm", "input_norm", "width", "transfer_input")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, docker stop, Slurm's time limit) handled as Ctrl-C: progress saved, exit 143."""
-    exit_code = 143
+def now():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+@dataclass
+class Run:
+    """What one training run holds while it goes: its config, where it writes, how it computes, what it has
+    done (progress) and what it will record (the provenance of metrics.json)."""
+    cfg: object
+    out: Path                       # the finished set: <results>/<name>/seed-K/
+    staging: Path                   # where everything is written until it is swapped in whole
+    device: torch.device
+    precision: str
+    checkpoint: dict = None         # the interrupted run this one resumes
+    provenance: dict = field(default_factory=dict)
+    progress: Progress = field(default_factory=Progress)
+    clock: float = field(default_factory=time.perf_counter)
 
+    @property
+    def main(self):
+        return distributed.is_main()
 
-def run(cfg):
-    """Entry point of the numbered scripts: a user error or a file-system fault is one line and exit 1,
-    divergence exit 3, Ctrl-C exit 130 and SIGTERM 143 (after saving what can be resumed)."""
-    if distributed.is_main():  # other ranks write nothing: SIGTERM's default, immediate exit, suits them
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        label_efficiency(cfg) if cfg.sweep else train_experiment(cfg)
-    except UserError as e:  # under torchrun every rank meets it (same inputs, or on_main): rank 0 says it
-        sys.exit(f"error: {e}" if distributed.is_main() else 1)
-    except OSError as e:  # disk full, permissions, a folder where a file should be: nothing to debug in our code
-        where = f": {e.filename}" if e.filename else ""
-        sys.exit(f"error: {e.strerror or type(e).__name__}{where}")
-    finally:
-        distributed.shutdown()
+    def elapsed(self):
+        before = self.checkpoint["progress"].get("elapsed", 0.0) if self.checkpoint else 0.0
+        return before + time.perf_counter() - self.clock
+
+    def metrics(self, status, **extra):
+        p = self.progress
+        return dict(status=status, **self.provenance, history=p.history, steps=p.steps, best_epoch=p.best_epoch,
+                    best_val_acc=p.best_val_acc, wall_time_s=self.elapsed(), **extra)
+
+    def write_status(self, status, **extra):
+        if self.main:
+            write_json(self.staging / "metrics.json", self.metrics(status, **extra))
+
+    def record_failure(self, status, **extra):
+        """Best effort: on a full disk this write fails too, and the original error is the one to report."""
+        try:
+            self.write_status(status, **extra)
+        except OSError:
+            pass
 
 
 def resolve(cfg):
@@ -61,94 +93,9 @@ def resolve(cfg):
                                eval_subset=min(cfg.eval_subset or QUICK_IMAGES, QUICK_IMAGES))
 
 
-def labelled_split(labels, cfg):
-    """(train, val) indices into the training file. --train-subset N is the whole label budget: N images
-    drawn with the run's seed (so seeds resample which images are labelled), validation carved out of them.
-    Without it, validation is a fixed 5% of the file, the same for every run and seed."""
-    labelled = torch.arange(len(labels))
-    if cfg.train_subset:
-        labelled = data.stratified_subset(labels, cfg.train_subset, seed=cfg.seed, what="--train-subset")
-    train_pos, val_pos = data.split_train_val(len(labelled), cfg.val_fraction)
-    if len(train_pos) == 0:
-        raise UserError(f"--train-subset {len(labelled)} leaves no training image after the validation split")
-    return labelled[train_pos], labelled[val_pos]
-
-
-def load_data(cfg, device):
-    """(train, val, {"svhn": test, "mnist": test}) as (uint8 images, labels) pairs on the device."""
-    x, y = data.load(cfg.dataset, "train", cfg.data_dir)
-    train_idx, val_idx = labelled_split(y, cfg)
-    if cfg.eval_subset:
-        val_idx = val_idx[data.stratified_subset(y[val_idx], min(cfg.eval_subset, len(val_idx)))]
-    train = x[train_idx].to(device), y[train_idx].to(device)
-    val = x[val_idx].to(device), y[val_idx].to(device)
-    tests = {}
-    for name in ("svhn", "mnist"):
-        tx, ty = data.load(name, "test", cfg.data_dir)
-        keep = data.stratified_subset(ty, min(cfg.eval_subset, len(ty))) if cfg.eval_subset else slice(None)
-        tests[name] = tx[keep].to(device), ty[keep].to(device)
-    return train, val, tests
-
-
-DEV_IMAGES = 10_000  # a 0.01-point resolution, and seconds to evaluate
-
-
-def load_dev(cfg, device):
-    """The cross-domain dataset's training file, which this run never trains on: a labelled target dev set for
-    choosing cross-domain recipes (for 07, the real SVHN train crops), so that the test sets choose nothing.
-    Stratified, at most DEV_IMAGES (or --eval-subset)."""
-    cross = "mnist" if cfg.dataset == "svhn" else "svhn"
-    x, y = data.load(cross, "train", cfg.data_dir)
-    cap = min(cfg.eval_subset or DEV_IMAGES, DEV_IMAGES, len(y))
-    keep = data.stratified_subset(y, cap) if cap < len(y) else slice(None)
-    return cross, (x[keep].to(device), y[keep].to(device))
-
-
-def input_stats(images):
-    """Per-channel mean and std of the training images (a 10k sample is exact to 3 decimals)."""
-    sample = images[:10_000].float() / 255
-    return sample.mean((0, 2, 3)).tolist(), sample.std((0, 2, 3)).clamp(min=1e-3).tolist()
-
-
-def source_model(cfg):
-    """The model.pt of cfg.init_from for the same seed and profile, with the config it was trained with."""
-    path = run_dir(dataclasses.replace(cfg, name=cfg.init_from)) / "model.pt"
-    if not path.exists():
-        raise UserError(f"no trained model at {path}: run `python {cfg.init_from}.py"
-                        f"{' --quick' if cfg.quick else ''} --seed {cfg.seed}` first")
-    source = read_torch(path, f"rerun {cfg.init_from}.py")
-    if not (isinstance(source.get("model"), dict) and all(k in source.get("config", {}) for k in MODEL_FIELDS)):
-        raise UserError(f"{path} lacks the model or its config (fields {', '.join(MODEL_FIELDS)}); rerun {cfg.init_from}.py")
-    return source, path
-
-
-def from_source(cfg, source, path):
-    """cfg with the network fields of the model it starts from; a conflicting flag is refused, not ignored."""
-    built = source["config"]
-    passed = set(cfg.overrides.split(",")) if cfg.overrides else set()
-    conflicts = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (the model has {built[k]!r})"
-                 for k in MODEL_FIELDS if k in passed and getattr(cfg, k) != built[k]]
-    if conflicts:
-        raise UserError(f"{cfg.name} fine-tunes {path}, whose network is fixed: drop {', '.join(conflicts)}, "
-                        f"or retrain {cfg.init_from} with them")
-    return dataclasses.replace(cfg, **{k: built[k] for k in MODEL_FIELDS})
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def print_config(cfg):
-    text = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v != "")
-    print(textwrap.fill(text, width=110, initial_indent="config: ", subsequent_indent="        "), flush=True)
-
-
-def staging_for(out, cfg):
-    """Prepare out's staging folder (where the run writes everything until it swaps in whole): the checkpoint
-    to resume from, or None. Saved epochs are never discarded unless --restart says so. Under torchrun rank 0
-    prepares the folder and every rank reads the checkpoint."""
+def prepare_staging(out, cfg):
+    """The staging folder, emptied unless resuming; saved epochs are never discarded unless --restart says so.
+    Under torchrun rank 0 prepares it and every rank reads the checkpoint."""
     staging = staging_dir(out)
 
     def prepare():
@@ -164,192 +111,302 @@ def staging_for(out, cfg):
     return staging, load_checkpoint(staging / "checkpoint.pt", cfg) if cfg.resume else None
 
 
-def train_experiment(cfg, source=None):
-    """Train, pick the epoch on validation, test on SVHN and MNIST, write results; returns metrics.
-    `source`: (state, path) of the model to start from, when the caller has it already (08's sweep)."""
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def print_config(cfg):
+    text = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v != "")
+    print(textwrap.fill(text, width=110, initial_indent="config: ", subsequent_indent="        "), flush=True)
+
+
+@contextlib.contextmanager
+def start(cfg, **provenance):
+    """Open a run of cfg: its folder locked (rank 0), its staging folder ready, the checkpoint to resume read,
+    seeds set. A failure inside is recorded in the staged metrics.json ("interrupted", "diverged", "failed")
+    and re-raised; launch() turns it into an exit code."""
     cfg = resolve(cfg)
-    out = run_dir(cfg)
     device = distributed.setup(pick_device(cfg.device))
+    out = run_dir(cfg)
     with contextlib.ExitStack() as held:
         distributed.on_main(lambda: held.enter_context(run_lock(out)))  # rank 0 alone writes
-        return _train(cfg, out, device, source)
+        precision = pick_precision(cfg.amp, device)
+        backends = configure_backends(device, cfg.deterministic)
+        staging, checkpoint = prepare_staging(out, cfg)
+        if cfg.arch == "imagenet_resnet18" and cfg.pretrained and not (checkpoint or provenance.get("init_from")):
+            imagenet_weights_file(cfg.weights)  # fail before the data is loaded, not after
+        run = Run(cfg, out, staging, device, precision, checkpoint)
+        run.provenance = dict(name=cfg.name, config=dataclasses.asdict(cfg), command=shlex.join(sys.argv),
+                              started=now(), **environment(device, precision),
+                              grad_scaler=precision == "fp16", **backends, world_size=distributed.world_size(),
+                              backend=distributed.backend(),
+                              batchnorm_stats="synchronized" if distributed.synchronized_bn(device, cfg) else "per process",
+                              **provenance)
+        if run.main:
+            print_config(cfg)
+        seed_everything(cfg.seed)
+        with recorded_failures(run):
+            yield run
 
 
-def _train(cfg, out, device, source):
-    started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
-    precision = pick_precision(cfg.amp, device)
-    backends = configure_backends(device, cfg.deterministic)
-    if cfg.init_from:
-        source = source or source_model(cfg)
-        cfg = from_source(cfg, *source)
-    staging, ckpt = staging_for(out, cfg)
-    if cfg.arch == "imagenet_resnet18" and cfg.pretrained and not (source or ckpt):
-        imagenet_weights_file(cfg.weights)  # fail before the data is loaded, not after
-    main = distributed.is_main()
-    if main:
-        print_config(cfg)
-
-    seed_everything(cfg.seed)
-    train, val, tests = load_data(cfg, device)
-    dev = load_dev(cfg, device)  # loaded now: a missing file fails the run before training, not after
-    model = build_model(cfg, *input_stats(train[0]), pretrained=cfg.pretrained and source is None and ckpt is None)
-    if source:
-        try:
-            model.load_state_dict(source[0]["model"])
-        except (RuntimeError, TypeError, AttributeError) as e:
-            raise UserError(f"{source[1]} does not fit the network its config describes ({str(e).splitlines()[0][:160]}); "
-                            f"rerun {cfg.init_from}.py") from None
-    model.to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, model)
-    schedule = make_schedule(cfg, optimizer, steps_per_epoch(len(train[1]), cfg.batch_size))
-    scaler = grad_scaler(device, precision)
-    progress = Progress()
-    if ckpt:
-        restore_checkpoint(ckpt, staging / "checkpoint.pt", model, optimizer, schedule, scaler)
-        try:
-            progress = Progress(**ckpt["progress"])
-        except TypeError:
-            raise UserError(f"--resume: {staging / 'checkpoint.pt'} has no readable progress; start afresh with --restart") from None
-        if main:
-            print(f"resuming after epoch {progress.epoch} from {staging / 'checkpoint.pt'}")
-
-    metrics = dict(status="running", name=cfg.name, config=dataclasses.asdict(cfg), command=" ".join(sys.argv),
-                   started=started, **environment(device, precision), grad_scaler=scaler.is_enabled(), **backends,
-                   labels_used=len(train[1]) + len(val[1]), world_size=distributed.world_size(),
-                   backend=distributed.backend(),
-                   batchnorm_stats="synchronized" if distributed.synchronized_bn(device, cfg) else "per process",
-                   data=dict(train=len(train[1]), val=len(val[1]), **{f"dev_{dev[0]}": len(dev[1][1])},
-                             **{f"test_{k}": len(v[1]) for k, v in tests.items()}),
-                   init_from=str(source[1]) if source else None)
-    elapsed_before = ckpt["progress"].get("elapsed", 0.0) if ckpt else 0.0
-
-    def snapshot(status):
-        return dict(metrics, status=status, history=progress.history, steps=progress.steps,
-                    best_epoch=progress.best_epoch, best_val_acc=progress.best_val_acc,
-                    wall_time_s=elapsed_before + time.perf_counter() - t0)
-
-    def on_epoch_end(progress):
-        progress.elapsed = elapsed_before + time.perf_counter() - t0
-        if not main:
-            return
-        save_checkpoint(staging / "checkpoint.pt", cfg, model, optimizer, schedule, scaler, progress)
-        write_json(staging / "metrics.json", snapshot("running"))
-
-    def record_failure(status, **extra):
-        if not main:
-            return
-        try:  # on a full disk this write fails too: the original error is the one to report
-            write_json(staging / "metrics.json", dict(snapshot(status), **extra))
-        except OSError:
-            pass
-
-    if main:
-        write_json(staging / "metrics.json", snapshot("running"))
+@contextlib.contextmanager
+def recorded_failures(run):
+    """What a stopped run leaves: its status in the staged metrics.json, and on rank 0 how to go on."""
     try:
-        fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epoch_end, scaler)
-        if not main:
-            return None
-        metrics = finish(cfg, model, progress, tests, dev, train, precision, staging, snapshot)
-    except KeyboardInterrupt as e:
-        if not main:  # rank 0 says it; torchrun stops the others
-            sys.exit(getattr(e, "exit_code", 130))
-        record_failure("interrupted")
-        saved = saved_epochs(staging / "checkpoint.pt")
-        done = f"{saved} epoch(s) are saved; resume with" if saved else "no epoch finished; rerun"
-        resume = " --resume" if saved and not cfg.resume else ""
-        print(f"\ninterrupted: {done}: python {sys.argv[0]} {' '.join(a for a in sys.argv[1:] if a != '--restart')}"
-              f"{resume}", file=sys.stderr)
-        sys.exit(getattr(e, "exit_code", 130))
-    except Diverged as e:
-        if not main:
-            sys.exit(3)
-        record_failure("diverged", error=str(e))
-        saved = saved_epochs(staging / "checkpoint.pt")
-        last = f"The last good checkpoint ({saved} epoch(s)) is {staging / 'checkpoint.pt'}" if saved else \
-            "No epoch finished before it"
-        print(f"error: {e}. {last}; this run's results were not written", file=sys.stderr)
-        sys.exit(3)
-    except BaseException as e:
-        record_failure("failed", error=f"{type(e).__name__}: {e}")
+        yield
+    except KeyboardInterrupt:
+        run.record_failure("interrupted")
+        if run.main:
+            print(f"\ninterrupted: {resume_hint(run)}", file=sys.stderr)
         raise
-    swap_in(staging, out)
-    adapted = "".join(f" | {target.upper()} after --tta {method} {100 * v:.2f}%"
-                      for method, accuracy in metrics["test_tta"].items() for target, v in accuracy.items())
-    print(f"dev ({', '.join(f'{k.upper()} train file {100 * v:.2f}%' for k, v in metrics['dev'].items())}) | "
-          f"test (epoch {progress.best_epoch}, chosen on validation): SVHN {100 * metrics['test']['svhn']:.2f}% | "
-          f"MNIST {100 * metrics['test']['mnist']:.2f}%{adapted} | {metrics['wall_time_s']:.0f}s on "
-          f"{metrics['device_name']} ({precision})")
-    print(f"wrote {out}/: {' '.join(sorted(p.name for p in out.iterdir()))}")
-    return metrics
+    except Diverged as e:
+        run.record_failure("diverged", error=str(e))
+        saved = saved_epochs(run.staging / "checkpoint.pt")
+        last = (f"the last good checkpoint ({saved} epoch(s)) is {run.staging / 'checkpoint.pt'}" if saved else
+                "No epoch finished before it")
+        raise Diverged(f"{e}. {last}; this run's results were not written") from None
+    except BaseException as e:
+        run.record_failure("failed", error=f"{type(e).__name__}: {e}")
+        raise
 
 
-def finish(cfg, model, progress, tests, dev, train, precision, staging, snapshot):
-    """Test the chosen epoch and write the finished set into staging: plots and model first, metrics.json
-    (status finished) last, so a staging folder with a finished metrics.json is complete."""
-    model.load_state_dict(progress.best_weights)
-    dev_set, (dev_x, dev_y) = dev
-    dev_acc = {dev_set: evaluate(model, dev_x, dev_y, precision)[1]}
-    test, confusion = {}, {}
-    for name, (x, y) in tests.items():
-        _, test[name], preds = evaluate(model, x, y, precision)
-        confusion[name] = torch.bincount(y * 10 + preds, minlength=100).view(10, 10).tolist()
-    cross = "mnist" if cfg.dataset == "svhn" else "svhn"
-    test_tta = {}
-    for method in cfg.tta.split(","):  # beside the source-only number, never instead of it
-        if method != "none":
-            test_tta[method] = {cross: adapted_accuracy(model, *tests[cross], method, precision)}
-    plot_confusion(confusion[cross], f"{cfg.name}: {cross.upper()} test ({100 * test[cross]:.1f}%)",
-                   staging / f"confusion_{cross}.png")
-    plot_curves(progress, cfg.name, staging)
+def resume_hint(run):
+    saved = saved_epochs(run.staging / "checkpoint.pt")
+    args = [a for a in sys.argv[1:] if a != "--restart"] + (["--resume"] if saved and not run.cfg.resume else [])
+    launcher = ["torchrun", f"--nproc-per-node={distributed.world_size()}"] if distributed.world_size() > 1 else ["python"]
+    done = f"{saved} epoch(s) are saved; resume with" if saved else "no epoch finished; rerun"
+    return f"{done}: {shlex.join(launcher + [sys.argv[0]] + args)}"
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Data:
+    """A run's images, uint8 on its device, each split as (images, labels)."""
+    train: tuple
+    val: tuple
+    tests: dict     # {domain: split}: the test split of every present domain, the source's included
+    dev: dict       # {domain: split}: training files of other domains, never trained on: they choose recipes
+    skipped: dict   # {domain: where its files were looked for}: optional domains that are absent
+
+
+def labelled_split(labels, cfg):
+    """(train, val) indices into the training file. --train-subset N is the whole label budget: N images
+    drawn with the run's seed (so seeds resample which images are labelled), validation carved out of them.
+    Without it, validation is a fixed 5% of the file, the same for every run and seed."""
+    labelled = torch.arange(len(labels))
+    if cfg.train_subset:
+        labelled = datasets.stratified_subset(labels, cfg.train_subset, seed=cfg.seed, what="--train-subset")
+    train_pos, val_pos = datasets.split_train_val(len(labelled), cfg.val_fraction)
+    if len(train_pos) == 0:
+        raise UserError(f"--train-subset {len(labelled)} leaves no training image after the validation split")
+    return labelled[train_pos], labelled[val_pos]
+
+
+def capped(split, cap, device):
+    """A stratified subset of at most `cap` images (0: all), moved to the device."""
+    x, y = split
+    keep = datasets.stratified_subset(y, cap) if 0 < cap < len(y) else slice(None)
+    return x[keep].to(device), y[keep].to(device)
+
+
+def dev_domains(source):
+    """Selection domains: every other domain's training file, but never SVHN's when SVHN is not the source:
+    SVHN is the held-out domain of the MNIST-trained models and informs no choice."""
+    return [d for d in datasets.DOMAINS if d not in (source, "svhn")]
+
+
+def load_data(run):
+    """The source's train/val split, the test split of every present domain and the dev sets. An optional
+    domain whose files are absent is skipped and named, once."""
+    cfg, device = run.cfg, run.device
+    x, y = datasets.load(cfg.dataset, "train", cfg.data_dir)
+    train_idx, val_idx = labelled_split(y, cfg)
+    if cfg.eval_subset:
+        val_idx = val_idx[datasets.stratified_subset(y[val_idx], min(cfg.eval_subset, len(val_idx)))]
+    tests, dev, skipped = {}, {}, {}
+    for domain in datasets.DOMAINS:
+        test_split = datasets.load(domain, "test", cfg.data_dir)
+        if test_split is None:
+            skipped[domain] = datasets.where(domain, cfg.data_dir)
+            continue
+        tests[domain] = capped(test_split, cfg.eval_subset, device)
+        dev_split = datasets.load(domain, "train", cfg.data_dir) if domain in dev_domains(cfg.dataset) else None
+        if dev_split is not None:
+            dev[domain] = capped(dev_split, min(cfg.eval_subset or DEV_IMAGES, DEV_IMAGES), device)
+    data = Data((x[train_idx].to(device), y[train_idx].to(device)), (x[val_idx].to(device), y[val_idx].to(device)),
+                tests, dev, skipped)
+    if skipped and run.main:
+        print("skipped domains (files absent): " + "; ".join(f"{datasets.TITLES[d]} ({w})" for d, w in skipped.items()))
+    run.provenance.update(labels_used=len(data.train[1]) + len(data.val[1]), skipped_domains=skipped,
+                          selection=dict(epoch=f"{cfg.dataset} validation split", recipe=sorted(dev)),
+                          data=dict(train=len(data.train[1]), val=len(data.val[1]),
+                                    **{f"dev_{k}": len(v[1]) for k, v in dev.items()},
+                                    **{f"test_{k}": len(v[1]) for k, v in tests.items()}))
+    return data
+
+
+def input_stats(images):
+    """Per-channel mean and std of the training split (a 10k sample is exact to 3 decimals)."""
+    sample = images[:10_000].float() / 255
+    return sample.mean((0, 2, 3)).tolist(), sample.std((0, 2, 3)).clamp(min=1e-3).tolist()
+
+
+# --- models ----------------------------------------------------------------------------------------------
+
+def load_run_model(name, cfg):
+    """(model.pt of experiment `name` for cfg's seed and profile, its path): what 08 starts from."""
+    path = run_dir(dataclasses.replace(cfg, name=name)) / "model.pt"
+    if not path.exists():
+        raise UserError(f"no trained model at {path}: run `python {name}.py{' --quick' if cfg.quick else ''} "
+                        f"--seed {cfg.seed}` first")
+    source = read_torch(path, f"rerun {name}.py")
+    if not (isinstance(source.get("model"), dict) and all(k in source.get("config", {}) for k in MODEL_FIELDS)):
+        raise UserError(f"{path} lacks the model or its config (fields {', '.join(MODEL_FIELDS)}); rerun {name}.py")
+    return source, path
+
+
+def network_of(cfg, source):
+    """cfg with the network fields of the model it starts from; a conflicting flag is refused, not ignored."""
+    path, built = source[1], source[0]["config"]
+    conflicts = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (the model has {built[k]!r})"
+                 for k in MODEL_FIELDS if k in cfg.passed and getattr(cfg, k) != built[k]]
+    if conflicts:
+        raise UserError(f"{cfg.name} starts from {path}, whose network is fixed: drop {', '.join(conflicts)}, "
+                        f"or retrain {path.parent.parent.name} with them")
+    return dataclasses.replace(cfg, **{k: built[k] for k in MODEL_FIELDS})
+
+
+def new_model(run, data, source=None):
+    """The config's network on the run's device, inputs normalized with the training split's statistics.
+    With `source` (state, path) from load_run_model: its weights, but still this training split's statistics,
+    so a fine-tuned model sees its own data centred as a model trained from scratch on it would."""
+    cfg, stats = run.cfg, input_stats(data.train[0])
+    model = build_model(cfg, *stats, pretrained=cfg.pretrained and source is None and run.checkpoint is None)
+    if source:
+        state, path = source
+        try:
+            model.load_state_dict(state["model"])
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise UserError(f"{path} does not fit the network its config describes "
+                            f"({str(e).splitlines()[0][:160]}); rerun {path.parent.parent.name}.py") from None
+        if cfg.arch == "resnet18" and cfg.input_norm == "dataset":
+            set_input_stats(model, *stats)
+    return model.to(run.device, memory_format=torch.channels_last)
+
+
+# --- train, test, adapt, finish --------------------------------------------------------------------------
+
+def train(run, model, data):
+    """fit() from scratch or from the checkpoint, a checkpoint and the live metrics.json after every epoch."""
+    cfg = run.cfg
+    optimizer = make_optimizer(cfg, model)
+    schedule = make_schedule(cfg, optimizer, steps_per_epoch(len(data.train[1]), cfg.batch_size))
+    scaler = grad_scaler(run.device, run.precision)
+    if run.checkpoint:
+        restore_checkpoint(run.checkpoint, run.staging / "checkpoint.pt", model, optimizer, schedule, scaler)
+        try:
+            run.progress = Progress(**run.checkpoint["progress"])
+        except TypeError:
+            raise UserError(f"--resume: {run.staging / 'checkpoint.pt'} has no readable progress; start afresh "
+                            "with --restart") from None
+        if run.main:
+            print(f"resuming after epoch {run.progress.epoch} from {run.staging / 'checkpoint.pt'}")
+    run.write_status("running")
+
+    def end_of_epoch(progress):
+        progress.elapsed = run.elapsed()
+        if run.main:
+            save_checkpoint(run.staging / "checkpoint.pt", cfg, model, optimizer, schedule, scaler, progress)
+            run.write_status("running")
+    return fit(model, optimizer, schedule, cfg, data.train, data.val, run.precision, run.progress, end_of_epoch, scaler)
+
+
+def test(run, model, data):
+    """The chosen epoch's accuracy on every present domain's test split (with confusion matrices) and on the
+    dev sets. Evaluation is never augmented. Rank 0 only (an empty dict elsewhere)."""
+    if not run.main:
+        return {}
+    model.load_state_dict(run.progress.best_weights)
+    results = dict(test={}, confusion={}, dev={})
+    for domain, (x, y) in data.tests.items():
+        _, results["test"][domain], predictions = evaluate(model, x, y, run.precision)
+        results["confusion"][domain] = torch.bincount(y * 10 + predictions, minlength=100).view(10, 10).tolist()
+    for domain, (x, y) in data.dev.items():
+        results["dev"][domain] = evaluate(model, x, y, run.precision)[1]
+    return results
+
+
+def adapt(run, model, data, methods=None):
+    """{method: {domain: accuracy}}: each test-time adaptation (--tta) to each target domain's unlabelled test
+    split, each on its own copy of the model, beside (never instead of) the source-only numbers. Rank 0 only."""
+    if not run.main:
+        return {}
+    methods = [m for m in (methods or run.cfg.tta).split(",") if m != "none"]
+    targets = [d for d in data.tests if d != run.cfg.dataset]
+    return {m: {d: adapted_accuracy(model, *data.tests[d], m, run.precision) for d in targets} for m in methods}
+
+
+def finish(run, model, data, results):
+    """Write the finished set into staging (plots and model first, metrics.json with status finished last, so
+    a staged metrics.json saying "finished" means the set is whole), then swap it in. Returns the metrics."""
+    if not run.main:
+        return None
+    cfg, staging = run.cfg, run.staging
+    for domain in results["confusion"]:
+        if domain != cfg.dataset:
+            accuracy = 100 * results["test"][domain]
+            plot_confusion(results["confusion"][domain], f"{cfg.name}: {datasets.TITLES[domain]} test ({accuracy:.1f}%)",
+                           staging / f"confusion_{domain}.png")
+    plot_curves(run.progress, cfg.name, staging)
     if cfg.augments:
-        originals = train[0][:8]
+        originals = data.train[0][:8]
         plot_augmented(originals / 255, [augment(originals, cfg, key) for key in range(4)], staging / "augmented.png")
-    save_torch(staging / "model.pt", dict(config=dataclasses.asdict(cfg), model=progress.best_weights))
-    metrics = dict(snapshot("finished"), dev=dev_acc, test=test, confusion=confusion, test_tta=test_tta,
-                   finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    save_torch(staging / "model.pt", dict(config=dataclasses.asdict(cfg), model=run.progress.best_weights))
+    metrics = run.metrics("finished", **{"test_tta": {}, **results}, finished=now())
     write_json(staging / "metrics.json", metrics)
     (staging / "checkpoint.pt").unlink(missing_ok=True)
+    swap_in(staging, run.out)
+    print_result(run, metrics)
     return metrics
 
 
-def label_efficiency(cfg):
-    """08 --sweep: SVHN test accuracy against the number of labelled SVHN images, fine-tuned from
-    cfg.init_from versus trained from scratch with the same budget. Both arms build the same network
-    (cfg.init_from's), so only the initialization (and the lr it suits) differs."""
-    import matplotlib.pyplot as plt
+def print_result(run, metrics):
+    test = " | ".join(f"{datasets.TITLES[d]} {100 * v:.2f}%" for d, v in metrics["test"].items())
+    dev = ", ".join(f"{datasets.TITLES[d]} {100 * v:.2f}%" for d, v in metrics["dev"].items())
+    print(f"test (epoch {run.progress.best_epoch}, chosen on validation): {test} | dev (train files): {dev or '—'} | "
+          f"{metrics['wall_time_s']:.0f}s on {metrics['device_name']} ({run.precision})")
+    for method, by_domain in metrics["test_tta"].items():
+        print(f"after --tta {method}: " + " | ".join(f"{datasets.TITLES[d]} {100 * v:.2f}%" for d, v in by_domain.items()))
+    print(f"wrote {run.out}/: {' '.join(sorted(p.name for p in run.out.iterdir()))}")
 
-    cfg = resolve(cfg)
-    source = source_model(cfg)
-    cfg = from_source(cfg, *source)
-    n_labelled = len(data.load(cfg.dataset, "train", cfg.data_dir)[1])
-    sizes = [n for n in cfg.sizes if n <= n_labelled]
-    if len(sizes) < len(cfg.sizes):
-        print(f"sweep: skipping sizes above the {n_labelled} labelled images: {[n for n in cfg.sizes if n > n_labelled]}")
-    if not sizes:
-        raise UserError(f"--sweep-sizes: every size exceeds the {n_labelled} labelled images")
-    out = run_dir(cfg)
-    rows = []
-    for n in sizes:
-        for start in ("fine-tuned", "scratch"):
-            fine_tuned = start == "fine-tuned"
-            sub = dataclasses.replace(cfg, name=f"{start}-{n}", sweep=False, quick=False, train_subset=n,
-                                      results_dir=str(out.parent / "sweep"), init_from=cfg.init_from if fine_tuned else "",
-                                      lr=cfg.lr if fine_tuned else cfg.scratch_lr, overrides="")
-            m = train_experiment(sub, source if fine_tuned else None)
-            if m is None:  # not rank 0: rank 0 collects
-                continue
-            rows.append(dict(labels=n, labels_used=m["labels_used"], start=start, lr=sub.lr,
-                             svhn=m["test"]["svhn"], mnist=m["test"]["mnist"]))
-    if not distributed.is_main():
-        return rows
-    write_json(out / "sweep.json", dict(config=dataclasses.asdict(cfg), rows=rows))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for start in ("fine-tuned", "scratch"):
-        points = [(r["labels"], 100 * r["svhn"]) for r in rows if r["start"] == start]
-        ax.plot(*zip(*points), "o-", label=f"{start}" + (f" from {cfg.init_from}" if start == "fine-tuned" else ""))
-    ax.set(xscale="log", xlabel="labelled SVHN images (train + validation)", ylabel="SVHN test accuracy (%)",
-           title="label efficiency")
-    ax.legend()
-    save_figure(fig, out / "label_efficiency.png")
-    print(f"wrote {out}/: sweep.json label_efficiency.png")
-    return rows
+
+# --- procedures ------------------------------------------------------------------------------------------
+
+def train_and_test(cfg, source=None, **provenance):
+    """The procedure of 01-06 (and of each point of 08's sweep): train, test everywhere, adapt if asked."""
+    with start(cfg, **provenance) as run:
+        data = load_data(run)
+        model = new_model(run, data, source)
+        train(run, model, data)
+        results = test(run, model, data)
+        if cfg.tta != "none":
+            results["test_tta"] = adapt(run, model, data)
+        return finish(run, model, data, results)
+
+
+def launch(main, cfg):
+    """Run a script's procedure as a process: exit codes and one-line errors (plumbing.process), the process
+    group shut down at the end under torchrun."""
+    with plumbing.process(main_rank=distributed.is_main()):
+        try:
+            main(cfg)
+        finally:
+            distributed.shutdown()
+
+
+def run(cfg):
+    """Entry point of 01-06."""
+    launch(train_and_test, cfg)

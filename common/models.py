@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from .config import UserError
+from .errors import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -95,6 +95,13 @@ class Normalize(nn.Module):
 
     def forward(self, x):
         return (x - self.mean) / self.std
+
+
+def set_input_stats(model, mean, std):
+    """Point the Normalize in front of a loaded model at new statistics (those of the data it now trains on)."""
+    normalize = next(m for m in model.modules() if isinstance(m, Normalize))
+    normalize.mean.copy_(torch.tensor(mean).view(1, 3, 1, 1))
+    normalize.std.copy_(torch.tensor(std).view(1, 3, 1, 1))
 
 
 class StandardizeImage(nn.Module):

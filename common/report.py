@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from .config import Parser
-from .results import finished_files, read_metrics, write_text
+from .data import DOMAINS, TITLES
+from .plumbing import write_text
+from .results import PROFILE_FIELDS, finished_files, read_metrics
 
 # The writeup's test accuracies (%) in ../shared/seeds/: (SVHN, MNIST); None where it gives none.
 WRITEUP = {
@@ -53,12 +55,13 @@ def joined(values):
 
 
 def row(name, runs, link_root):
-    writeup = ["—" if v is None else f"{v:.2f}" for v in WRITEUP.get(name, (None, None))]
+    base = name.split(" (")[0]  # "07_reverse_mnist (mnist, subset 10000, 5 epochs)" when profiles differ
+    writeup = ["—" if v is None else f"{v:.2f}" for v in WRITEUP.get(base, (None, None))]
     configs = [m["config"] for m in runs]
     images = joined(f"subset {c['train_subset']}" if c["train_subset"] else "all" for c in configs)
-    images += f" ({joined(m['data']['train'] for m in runs)})"
+    images += f" ({joined(m['data'].get('train') for m in runs)})"
     cross = "mnist" if configs[0]["dataset"] == "svhn" else "svhn"
-    seed_dir = f"{link_root}{name}/seed-{configs[0]['seed']}"
+    seed_dir = f"{link_root}{base}/seed-{configs[0]['seed']}"
     plots = f"[loss]({seed_dir}/loss.png) [acc]({seed_dir}/accuracy.png) [{cross}]({seed_dir}/confusion_{cross}.png)"
     return (f"| {name} | {mean_std([m['test']['svhn'] for m in runs])} | {mean_std([m['test']['mnist'] for m in runs])} "
             f"| {writeup[0]} | {writeup[1]} | {len(runs)} | {joined(c['epochs'] for c in configs)} | {images} "
@@ -66,67 +69,113 @@ def row(name, runs, link_root):
             f"| {joined(m['device_name'] + ' (' + m['precision'] + ')' for m in runs)} | {plots} |")
 
 
+def number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def accuracies(mapping):
+    """{domain: accuracy} of a metrics.json field, keeping numbers only (a foreign or garbled field gives {})."""
+    return {d: v for d, v in mapping.items() if d in DOMAINS and number(v)} if isinstance(mapping, dict) else {}
+
+
+def unseen_mean(metrics):
+    source = metrics["config"]["dataset"]
+    unseen = [v for d, v in accuracies(metrics["test"]).items() if d != source]
+    return sum(unseen) / len(unseen) if unseen else None
+
+
+def table_header(columns):
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+
+
 def cross_domain(full):
-    """Both directions: the other domain's test accuracy, source-only and after each test-time adaptation
-    (mean ± std over the seeds that ran it), the target dev accuracy that recipes were chosen on, and the
-    published numbers with their protocols."""
-    lines = ["", "## Cross-domain (tested on the domain it never trained on)", "",
-             "| direction | experiment | train images | source-only % | after --tta bn % | after --tta tent % | "
-             "target dev % (cross-domain train file) | seeds |", "|---|---|---|---|---|---|---|---|"]
-    directions = set()
-    for name in sorted(full):
-        runs = full[name]
-        source = runs[0]["config"]["dataset"]
-        target = "mnist" if source == "svhn" else "svhn"
-        direction = f"{source.upper()} -> {target.upper()}"
-        directions.add(direction)
-        adapted = [mean_std(accuracy) if accuracy else "—" for accuracy in
-                   ([m["test_tta"][method][target] for m in runs if method in m.get("test_tta", {})]
-                    for method in ("bn", "tent"))]
-        dev = [m["dev"][target] for m in runs if target in m.get("dev", {})]
-        lines.append(f"| {direction} | {name} | {joined(m['data']['train'] for m in runs)} | "
-                     f"{mean_std([m['test'][target] for m in runs])} | {adapted[0]} | {adapted[1]} | "
-                     f"{mean_std(dev) if dev else '—'} | {len(runs)} |")
-    lines += ["", "Published, with their protocols:"] + [f"- {d}: {PUBLISHED[d]}" for d in PUBLISHED if d in directions]
+    """Every domain each model was tested on, the mean over the domains it never saw, and its dev-set
+    accuracies (the selection domains), per seed and as mean ± std."""
+    domains = [d for d in DOMAINS if any(d in accuracies(m["test"]) for runs in full.values() for m in runs)]
+    dev = [d for d in DOMAINS if any(d in accuracies(m.get("dev")) for runs in full.values() for m in runs)]
+    lines = ["", "## Cross-domain: every digit domain present, source-only", "",
+             "Test accuracy (%) on each domain; the source domain's own column is in-domain. `unseen` is the mean over",
+             "the test domains the model never trained on; `dev` columns are other domains' training files, the only",
+             "target data recipes were chosen on (never SVHN for MNIST-trained models).", "",
+             table_header(["experiment", "trained on", "seed"] + [TITLES[d] for d in domains] + ["unseen mean"]
+                          + [f"dev {TITLES[d]}" for d in dev])]
+    for name, runs in full.items():
+        table = [(str(m["config"]["seed"]), [accuracies(m["test"]).get(d) for d in domains] + [unseen_mean(m)]
+                  + [accuracies(m.get("dev")).get(d) for d in dev]) for m in runs]
+        if len(runs) > 1:
+            table.append(("mean ± std", [[r[1][i] for r in table if r[1][i] is not None] for i in range(len(table[0][1]))]))
+        for seed, values in table:
+            cells = [("—" if not v else mean_std(v)) if isinstance(v, list) else ("—" if v is None else f"{100 * v:.2f}")
+                     for v in values]
+            lines.append(f"| {name} | {runs[0]['config']['dataset'].upper()} | {seed} | " + " | ".join(cells) + " |")
     return lines
 
 
+def adaptation(full):
+    """--tta: each target domain after adaptation, beside its source-only number."""
+    lines = ["", "## Test-time adaptation (a separate evaluation: every table above is source-only)", "",
+             "| experiment | seed | method | target | source-only % | after adaptation % |", "|---|---|---|---|---|---|"]
+    for name, runs in full.items():
+        for m in runs:
+            by_method = m.get("test_tta") if isinstance(m.get("test_tta"), dict) else {}
+            for method, by_domain in by_method.items():
+                for domain, value in accuracies(by_domain).items():
+                    source_only = accuracies(m["test"]).get(domain)
+                    lines.append(f"| {name} | {m['config']['seed']} | {method} | {TITLES[domain]} | "
+                                 f"{'—' if source_only is None else f'{100 * source_only:.2f}'} | {100 * value:.2f} |")
+    return lines if len(lines) > 5 else []
+
+
+def provenance(full):
+    lines = ["", "## Where each number came from", "", "| experiment | seed | device | command |", "|---|---|---|---|"]
+    for name, runs in full.items():
+        lines += [f"| {name} | {m['config']['seed']} | {m['device_name']} ({m['precision']}) | "
+                  f"`{m.get('command', '?')}` |" for m in runs]
+    return lines
+
+
+def profile_label(config):
+    return f"{config.get('dataset')}, subset {config.get('train_subset')}, {config.get('epochs')} epochs"
+
+
 def collect(root):
-    """{experiment: [finished metrics]} under root, and the files skipped with why."""
+    """{row name: [finished metrics]} under root, and the files skipped with why. Runs of one experiment with
+    different profiles (training set, label budget, epochs) are never averaged: each profile is its own row."""
     found, skipped = {}, []
     for path in finished_files(root, "*"):
         metrics, problem = read_metrics(path)
         if metrics is None:
             skipped.append(f"{path}: {problem}")
         elif metrics.get("status") == "finished":
-            found.setdefault(path.parent.parent.name, []).append(metrics)
-    return found, skipped
+            profile = tuple(str(metrics["config"].get(k)) for k in PROFILE_FIELDS)
+            found.setdefault(path.parent.parent.name, {}).setdefault(profile, []).append(metrics)
+    rows = {}
+    for name, profiles in found.items():
+        for runs in profiles.values():
+            rows[name if len(profiles) == 1 else f"{name} ({profile_label(runs[0]['config'])})"] = runs
+    return rows, skipped
 
 
 def summary(results_dir):
     root = Path(results_dir)
     full, skipped = collect(root)
     quick, skipped_quick = collect(root / "quick")
+    full, quick = dict(sorted(full.items())), dict(sorted(quick.items()))
     lines = ["# Results", "",
              f"Generated by `python -m common.report` from `{root}/*/seed-*/metrics.json`. Test accuracy (%) of the",
              "epoch chosen on validation, mean ± std over seeds (one seed: the value). `subset N` rows trained on",
              "N images only: they are not comparable with the writeup's full-SVHN numbers.", ""]
-    lines += [HEADER] + [row(name, full[name], "") for name in sorted(full)] if full else ["No finished runs yet."]
+    lines += [HEADER] + [row(name, runs, "") for name, runs in full.items()] if full else ["No finished runs yet."]
     if quick:
         lines += ["", "## Smoke runs (--quick: 256 images, 1 epoch; they test the code, not the method)", "", HEADER]
-        lines += [row(name, quick[name], "quick/") for name in sorted(quick)]
-    adapted = [(name, m) for name in sorted(full) for m in full[name] if m.get("test_tta")]
-    if adapted:
-        lines += ["", "## Test-time adaptation (a separate evaluation: the tables above are source-only)", "",
-                  "| experiment | seed | method | target test set | source-only % | after adaptation % |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {name} | {m['config']['seed']} | {method} | {target.upper()} | "
-                  f"{100 * m['test'][target]:.2f} | {100 * accuracy:.2f} |"
-                  for name, m in adapted for method, by_target in m["test_tta"].items()
-                  for target, accuracy in sorted(by_target.items())]
+        lines += [row(name, runs, "quick/") for name, runs in quick.items()]
     if full:
-        lines += cross_domain(full)
-    missing = [name for name in WRITEUP if name not in full]
+        lines += cross_domain(full) + adaptation(full)
+        directions = {f"{runs[0]['config']['dataset'].upper()} -> {'MNIST' if runs[0]['config']['dataset'] == 'svhn' else 'SVHN'}"
+                      for runs in full.values()}
+        lines += ["", "Published, with their protocols:"] + [f"- {d}: {PUBLISHED[d]}" for d in PUBLISHED if d in directions]
+        lines += provenance(full)
+    missing = [name for name in WRITEUP if not any(n.split(" (")[0] == name for n in full)]
     if missing:
         lines += ["", f"No results yet{' (smoke runs aside)' if quick else ''}: {', '.join(missing)}."]
     if skipped + skipped_quick:
@@ -137,11 +186,12 @@ def summary(results_dir):
 def main(argv=None):
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", default="results", help="where the runs are (default: results)")
+    parser.add_argument("--out", help="where to write the summary (default: <results-dir>/summary.md)")
     args = parser.parse_args(argv)
     if not Path(args.results_dir).is_dir():
         sys.exit(f"error: --results-dir {args.results_dir} is not a folder")
     text = summary(args.results_dir)
-    out = Path(args.results_dir) / "summary.md"
+    out = Path(args.out or Path(args.results_dir) / "summary.md")
     try:
         write_text(out, text)
     except OSError as e:

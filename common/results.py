@@ -1,119 +1,29 @@
-"""Where a run's files go, and writing them so that none is ever half-written: metrics.json, plots,
-checkpoints, the model, and reading finished runs back (for 07's recipe and the report)."""
-import contextlib
+"""Where a run's files go and what they hold: provenance, checkpoints, plots, and reading finished runs back
+(for the report and 07's opt-in recipe inheritance). Files are written through plumbing's atomic writers."""
 import dataclasses
-import fcntl
 import json
-import os
 import platform
 import random
 import re
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torchvision
+from matplotlib.figure import Figure  # the Figure API draws without pyplot: no backend chosen, none changed
 
-from .config import RECIPE_FIELDS, UserError
+from .errors import UserError
+from .plumbing import atomic, read_torch, save_torch, write_json
 
 # Fields that may change between an interrupted run and its --resume without changing the result.
-RESUMABLE_CHANGES = {"resume", "restart", "data_dir", "results_dir", "overrides", "inherited_from", "tta"}
-UMASK = os.umask(0)
-os.umask(UMASK)  # read once: mkstemp's files are 0600, ours get what the user's umask allows
+RESUMABLE_CHANGES = {"resume", "restart", "data_dir", "results_dir", "overrides", "tta"}
 
 
 def run_dir(cfg):
     """<results-dir>[/quick]/<name>/seed-<seed>: smoke runs never overwrite real ones."""
     root = Path(cfg.results_dir) / "quick" if cfg.quick else Path(cfg.results_dir)
     return root / cfg.name / f"seed-{cfg.seed}"
-
-
-def staging_dir(out):
-    """Where a run of `out` writes everything (checkpoint, live metrics.json, then the finished files)."""
-    return out.with_name(out.name + ".partial")
-
-
-@contextlib.contextmanager
-def run_lock(out):
-    """One run per folder at a time: a second run of the same experiment and seed is refused, not raced.
-    The lock is the kernel's (flock), so a killed run never leaves a stale one."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=".write-test-")  # a new file: an old one proves nothing
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"cannot write results to {out.parent} ({e.strerror}); pass a writable --results-dir") from None
-    with open(out.with_name(out.name + ".lock"), "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise UserError(f"another run is writing {out} (pid {lock.read().strip() or '?'}); "
-                            "wait for it, or pass another --seed or --results-dir") from None
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
-        recover_swap(out)
-        yield
-
-
-def swap_in(staging, out):
-    """Replace the finished set `out` by `staging` whole: two renames, and recover_swap() completes or undoes
-    a swap that a crash cut between them. Never a folder mixing two runs."""
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_swap(out):
-    old, staging = out.with_name(out.name + ".old"), staging_dir(out)
-    if not old.exists():
-        return
-    if not out.exists():  # finish() writes the staged metrics.json last: "finished" there means the set is whole
-        try:
-            complete = json.loads((staging / "metrics.json").read_text()).get("status") == "finished"
-        except (OSError, ValueError, AttributeError):
-            complete = False
-        os.replace(staging if complete else old, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _atomic(path, write):
-    """write(tmp_path) beside `path`, then rename: readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text(path, text):
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")  # bare NaN is not JSON
-
-
-def save_torch(path, obj):
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def git_commit():
@@ -177,19 +87,6 @@ def restore_checkpoint(ckpt, path, model, optimizer, schedule, scaler):
                         "start afresh with --restart") from None
 
 
-def read_torch(path, remedy):
-    """torch.load(weights_only=True) of one of our files as a dict, or a UserError naming it and the remedy."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
-    except Exception as e:
-        raise UserError(f"{path} is unreadable ({type(e).__name__}); {remedy}") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} is not one of this project's files; {remedy}")
-    return obj
-
-
 def saved_epochs(path):
     """How many epochs a checkpoint holds (0 when there is none or it is unreadable: nothing to lose)."""
     if not path.exists():
@@ -219,22 +116,26 @@ def load_checkpoint(path, cfg):
 
 # --- plots -----------------------------------------------------------------------------------------------
 
+def figure(width, height):
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
+
+
 def save_figure(fig, path):
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+    atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def plot_curves(progress, name, out):
     steps_per_epoch = len(progress.steps) / max(1, len(progress.history))
     epochs_at = [h["epoch"] * steps_per_epoch for h in progress.history]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = figure(7, 4)
     ax.plot(range(1, len(progress.steps) + 1), progress.steps, lw=0.6, alpha=0.7, label="train (per step)")
     ax.plot(epochs_at, [h["val_loss"] for h in progress.history], "o-", label="validation (per epoch)")
     ax.set(xlabel="step", ylabel="cross-entropy", title=f"{name}: loss")
     ax.legend()
     save_figure(fig, out / "loss.png")
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = figure(7, 4)
     epochs = [h["epoch"] for h in progress.history]
     ax.plot(epochs, [100 * h["train_acc"] for h in progress.history], "o-", label="train")
     ax.plot(epochs, [100 * h["val_acc"] for h in progress.history], "o-", label="validation")
@@ -247,7 +148,7 @@ def plot_curves(progress, name, out):
 def plot_confusion(matrix, title, path):
     matrix = np.asarray(matrix)
     rates = matrix / np.maximum(1, matrix.sum(1, keepdims=True))
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = figure(5.5, 5)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for (i, j), count in np.ndenumerate(matrix):
         ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if rates[i, j] > 0.5 else "black")
@@ -258,7 +159,8 @@ def plot_confusion(matrix, title, path):
 def plot_augmented(originals, versions, path):
     """A grid: each row an original training image, then augmented draws of it (what the model sees)."""
     columns = [originals] + list(versions)
-    fig, axes = plt.subplots(len(originals), len(columns), figsize=(1.2 * len(columns), 1.2 * len(originals)))
+    fig = Figure(figsize=(1.2 * len(columns), 1.2 * len(originals)))
+    axes = fig.subplots(len(originals), len(columns), squeeze=False)
     for i in range(len(originals)):
         for j, images in enumerate(columns):
             axes[i, j].imshow(images[i].float().permute(1, 2, 0).cpu().numpy())
@@ -267,6 +169,23 @@ def plot_augmented(originals, versions, path):
     for j in range(1, len(columns)):
         axes[0, j].set_title(f"draw {j}", fontsize=8)
     save_figure(fig, path)
+
+
+def write_sweep(cfg, rows, out):
+    """08 --sweep: sweep.json and label_efficiency.png (SVHN test accuracy against labelled images, per arm) in
+    their own folder, beside the sweep's runs. Nothing to write without rows (ranks other than 0)."""
+    if not rows:
+        return
+    write_json(out / "sweep.json", dict(config=dataclasses.asdict(cfg), rows=rows))
+    fig, ax = figure(6, 4)
+    for start in ("fine-tuned", "scratch"):
+        points = [(r["labels"], 100 * r["test"][cfg.dataset]) for r in rows if r["start"] == start]
+        ax.plot(*zip(*points), "o-", label=start + (f" from {cfg.init_from}" if start == "fine-tuned" else ""))
+    ax.set(xscale="log", xlabel="labelled images (train + validation)", ylabel=f"{cfg.dataset.upper()} test accuracy (%)",
+           title="label efficiency")
+    ax.legend()
+    save_figure(fig, out / "label_efficiency.png")
+    print(f"wrote {out}/: sweep.json label_efficiency.png")
 
 
 # --- finished runs ---------------------------------------------------------------------------------------
@@ -286,7 +205,7 @@ def read_metrics(path):
     for every key the report and 07's recipe choice read."""
     try:
         metrics = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested past the parser's limit
         return None, f"unreadable ({type(e).__name__})"
     if not (isinstance(metrics, dict) and isinstance(metrics.get("config"), dict)):
         return None, "not a metrics.json of this project"
@@ -303,29 +222,37 @@ def read_metrics(path):
     return metrics, None
 
 
+# What 07 --inherit-best copies from the best earlier run: how the network is built and trained. Not the data, and
+# not the cross-domain choices (input_norm, invert, randconv, prorandconv), which 01-06 on SVHN cannot rank.
+RECIPE_FIELDS = ("arch", "norm", "width", "transfer_input", "weights", "optimizer", "lr", "momentum",
+                 "weight_decay", "warmup", "label_smoothing", "batch_size", "rotate", "shear", "translate",
+                 "crop_scale", "perspective", "jitter")
 PROFILE_FIELDS = ("dataset", "train_subset", "eval_subset", "val_fraction", "epochs")
+
+
+def runs_by_profile(root, experiments="0[1-6]_*"):
+    """{profile: {experiment: {seed: metrics}}} of the finished runs under root, and the files skipped."""
+    runs, skipped = {}, []
+    for path in finished_files(root, experiments):
+        metrics, problem = read_metrics(path)
+        if metrics is None or any(k not in metrics["config"] for k in PROFILE_FIELDS + ("seed",)):
+            skipped.append(path)
+        elif metrics.get("status") == "finished":
+            config = metrics["config"]
+            profile = tuple(config[k] for k in PROFILE_FIELDS)
+            runs.setdefault(profile, {}).setdefault(path.parent.parent.name, {})[config["seed"]] = metrics
+    return runs, skipped
 
 
 def best_recipe(cfg):
     """The recipe (RECIPE_FIELDS) of the finished 01-06 experiment with the best mean validation accuracy,
     ranked only among comparable runs: one profile (PROFILE_FIELDS: same data, budget and validation) and the
     seeds every competitor finished. Runs of several profiles are refused, not mixed. Quick runs only choose
-    among quick runs."""
+    among quick runs. Returns (recipe, why)."""
     root = run_dir(cfg).parent.parent
-    runs, skipped = {}, []
-    for path in finished_files(root, "0[1-6]_*"):
-        metrics, problem = read_metrics(path)
-        if metrics is None:
-            skipped.append(path)
-        elif metrics.get("status") == "finished":
-            config = metrics["config"]
-            if any(k not in config for k in PROFILE_FIELDS + ("seed",)):
-                skipped.append(path)
-                continue
-            profile = tuple(config[k] for k in PROFILE_FIELDS)
-            runs.setdefault(profile, {}).setdefault(path.parent.parent.name, {})[config["seed"]] = metrics
+    runs, skipped = runs_by_profile(root)
     if skipped:
-        print(f"07's recipe: skipping unreadable or incomplete runs: {', '.join(map(str, skipped))}")
+        print(f"--inherit-best: skipping unreadable or incomplete runs: {', '.join(map(str, skipped))}")
     if not runs:
         return {}, f"no finished 01-06 run in {root}: the script's own recipe"
     if len(runs) > 1:

@@ -1,5 +1,4 @@
 """fit(): the one training loop of every experiment; evaluate(); devices, precision, optimizers, schedules."""
-import ctypes
 import functools
 import math
 import os
@@ -14,7 +13,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .augment import augment
-from .config import UserError
+from .errors import UserError
 
 
 def pick_device(name):
@@ -74,26 +73,6 @@ def configure_backends(device, deterministic):
     ampere = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     tf32 = dict(matmul=torch.backends.cuda.matmul.allow_tf32, cudnn=torch.backends.cudnn.allow_tf32) if ampere else None
     return dict(deterministic=deterministic, cudnn_benchmark=torch.backends.cudnn.benchmark, tf32=tf32)
-
-
-@functools.cache
-def keep_freed_memory(device):
-    """On CPU, stop glibc from giving freed blocks back to the OS (blocks over its mmap threshold, and the top
-    of the heap over its trim threshold): each step would otherwise page-fault its buffers in afresh. Measured
-    here: 7,175 -> 200 minor page faults per 512-image augmentation, 11.3 -> 3.4 ms; fp32 train step 88 -> 114
-    images/s (`python -m common.bench`). Freed memory is still reused: peak RSS of that check 1,470 -> 1,515 MiB.
-    fit() calls it after the data is loaded, so the loaders' temporaries still go back to the OS. No-op off
-    glibc and on CUDA (whose allocator caches already)."""
-    if device.type != "cpu":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if not libc.mallopt(m_mmap_threshold, 1 << 30):  # glibc builds that cap the threshold take their maximum
-        libc.mallopt(m_mmap_threshold, 32 << 20)
-    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 def autocast(device, precision):
@@ -215,10 +194,14 @@ def diverged(loss):
     return not math.isfinite(loss) or loss > DIVERGED_LOSS
 
 
-class Diverged(Exception):
-    def __init__(self, epoch, step, loss, what="loss"):
-        super().__init__(f"{what} became {loss:.4g} at epoch {epoch}{f', step {step}' if step else ''}: the run "
-                         "diverged; try a lower --lr (or --norm batch)")
+class Diverged(UserError):
+    """The loss blew up: exit 3, status "diverged", the last good checkpoint kept."""
+    exit_code = 3
+
+
+def blown_up(epoch, step, loss, what="loss"):
+    return Diverged(f"{what} became {loss:.4g} at epoch {epoch}{f', step {step}' if step else ''}: the run "
+                    "diverged; try a lower --lr (or --norm batch)")
 
 
 @dataclass
@@ -232,6 +215,14 @@ class Progress:
     best_weights: dict = None                       # state dict of the epoch with the best validation accuracy
     elapsed: float = 0.0                            # wall seconds so far, across resumes
 
+    def add_epoch(self, record, step_losses, model):
+        self.history.append(record)
+        self.steps.extend(step_losses)
+        self.epoch = record["epoch"]
+        if record["val_acc"] >= self.best_val_acc:  # a tie goes to the later, longer-trained epoch
+            self.best_val_acc, self.best_epoch = record["val_acc"], record["epoch"]
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
 
 def fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epoch_end=lambda progress: None,
         scaler=None):
@@ -239,64 +230,63 @@ def fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epo
     weights (model selection never looks at a test set) and call on_epoch_end (checkpointing). Under
     torchrun each rank trains on its slice of the same global batch (DDP averages the gradients); losses
     are averaged over ranks and rank 0's validation result is every rank's, so all choose the same epoch."""
-    x, y = train
+    x = train[0]
     scaler = scaler or grad_scaler(x.device, precision)
-    keep_freed_memory(x.device)
-    loss_fn = loss_function(cfg)
-    world, rank = distributed.world_size(), distributed.rank()
+    world = distributed.world_size()
     if min(cfg.batch_size, len(x)) % world:
         raise UserError(f"--batch-size {min(cfg.batch_size, len(x))} (the global batch) must be divisible by the {world} "
                         "processes")
     step_model = distributed.wrap(model, x.device, cfg.sync_bn)
     step_model = torch.compile(step_model) if cfg.compile else step_model
-    steps = steps_per_epoch(len(x), cfg.batch_size)
     for epoch in range(progress.epoch, cfg.epochs):
         start = time.perf_counter()
-        model.train()
-        generator = epoch_generator(cfg.seed, epoch, x.device)
-        losses, correct = [], torch.zeros((), device=x.device, dtype=torch.long)
-        bar = tqdm(batches(x, y, cfg.batch_size, generator), total=steps, leave=False,
-                   desc=f"epoch {epoch + 1}", disable=None if distributed.is_main() else True)
-        for step, (xb, yb) in enumerate(bar):
-            if world > 1:  # this rank's slice of the global batch
-                xb, yb = xb.chunk(world)[rank], yb.chunk(world)[rank]
-            key = augment_key(cfg.seed, epoch, step) * world + rank
-            loss, logits = training_loss(step_model, xb, yb, cfg, key, loss_fn, precision)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            losses.append(loss.detach())
-            correct += (logits.argmax(1) == yb).sum()
-            # Reading the loss forces a device sync: do it every 10 steps, not every step. Averaged over ranks,
-            # so a NaN on one rank stops all of them at the same step.
-            if step % 10 == 0 or step == steps - 1:
-                value = distributed.mean(loss.detach()).item()
-                if diverged(value):
-                    raise Diverged(epoch + 1, step + 1, value)
-                bar.set_postfix(loss=f"{value:.3f}")
-        step_losses = distributed.mean(torch.stack(losses).float()).tolist()
-        correct = distributed.total(correct)
-        bad = [i for i, v in enumerate(step_losses) if diverged(v)]
-        if bad:
-            raise Diverged(epoch + 1, bad[0] + 1, step_losses[bad[0]])
+        step_losses, train_acc = train_epoch(step_model, optimizer, schedule, scaler, cfg, train, epoch, precision)
         val_loss, val_acc = distributed.from_main(evaluate(model, *val, precision)[:2] if distributed.is_main() else None)
         if not math.isfinite(val_loss) or val_loss > DIVERGED_VAL_LOSS:
-            raise Diverged(epoch + 1, None, val_loss, "validation loss")
-        record = dict(epoch=epoch + 1, train_loss=sum(step_losses) / len(step_losses),
-                      train_acc=correct.item() / (len(step_losses) * min(cfg.batch_size, len(x))),
+            raise blown_up(epoch + 1, None, val_loss, "validation loss")
+        record = dict(epoch=epoch + 1, train_loss=sum(step_losses) / len(step_losses), train_acc=train_acc,
                       val_loss=val_loss, val_acc=val_acc, lr=schedule.get_last_lr()[0],
                       seconds=time.perf_counter() - start)
-        progress.history.append(record)
-        progress.steps.extend(step_losses)
-        progress.epoch = epoch + 1
-        if val_acc >= progress.best_val_acc:  # a tie goes to the later, longer-trained epoch
-            progress.best_val_acc, progress.best_epoch = val_acc, epoch + 1
-            progress.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        progress.add_epoch(record, step_losses, model)
         if distributed.is_main():
             print(f"epoch {epoch + 1:>{len(str(cfg.epochs))}}/{cfg.epochs} | train {record['train_loss']:.3f} "
-                  f"{100 * record['train_acc']:.1f}% | val {val_loss:.3f} {100 * val_acc:.1f}% | "
+                  f"{100 * train_acc:.1f}% | val {val_loss:.3f} {100 * val_acc:.1f}% | "
                   f"lr {record['lr']:.3g} | {record['seconds']:.0f}s", flush=True)
         on_epoch_end(progress)
     return progress
+
+
+def train_epoch(model, optimizer, schedule, scaler, cfg, train, epoch, precision):
+    """One seeded pass over the training images: (loss of every step, averaged over ranks; train accuracy)."""
+    x, y = train
+    world, rank = distributed.world_size(), distributed.rank()
+    steps = steps_per_epoch(len(x), cfg.batch_size)
+    loss_fn = loss_function(cfg)
+    model.train()
+    losses, correct = [], torch.zeros((), device=x.device, dtype=torch.long)
+    bar = tqdm(batches(x, y, cfg.batch_size, epoch_generator(cfg.seed, epoch, x.device)), total=steps, leave=False,
+               desc=f"epoch {epoch + 1}", disable=None if distributed.is_main() else True)
+    for step, (xb, yb) in enumerate(bar):
+        if world > 1:  # this rank's slice of the global batch
+            xb, yb = xb.chunk(world)[rank], yb.chunk(world)[rank]
+        key = augment_key(cfg.seed, epoch, step) * world + rank
+        loss, logits = training_loss(model, xb, yb, cfg, key, loss_fn, precision)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        schedule.step()
+        losses.append(loss.detach())
+        correct += (logits.argmax(1) == yb).sum()
+        # Reading the loss forces a device sync: every 10 steps, not every step. Averaged over ranks, so a NaN
+        # on one rank stops all of them at the same step.
+        if step % 10 == 0 or step == steps - 1:
+            value = distributed.mean(loss.detach()).item()
+            if diverged(value):
+                raise blown_up(epoch + 1, step + 1, value)
+            bar.set_postfix(loss=f"{value:.3f}")
+    step_losses = distributed.mean(torch.stack(losses).float()).tolist()
+    bad = [i for i, v in enumerate(step_losses) if diverged(v)]
+    if bad:
+        raise blown_up(epoch + 1, bad[0] + 1, step_losses[bad[0]])
+    return step_losses, distributed.total(correct).item() / (len(step_losses) * min(cfg.batch_size, len(x)))

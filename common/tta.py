@@ -12,8 +12,9 @@ import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
 
-from .config import UserError
+from .errors import UserError
 from .train import autocast, evaluate, to_input
 
 TENT_LR, TENT_BATCH = 1e-3, 128  # Tent's SGD settings for digits (momentum 0.9)
@@ -23,17 +24,12 @@ def batchnorms(model):
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-@torch.no_grad()
 def adapt_batchnorm(model, x, precision, batch_size=512):
-    """A copy of model whose BN statistics are those of the images x (a cumulative average over batches)."""
+    """A copy of model whose BN statistics are those of the images x (AdaBN): torch's swa_utils.update_bn, a
+    cumulative average over the stream in order."""
     model = copy.deepcopy(model)
-    for bn in batchnorms(model):
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    for xb in x.split(batch_size):  # the stream in order, as views
-        with autocast(x.device, precision):
-            model(to_input(xb))
+    with autocast(x.device, precision):
+        update_bn((to_input(xb) for xb in x.split(batch_size)), model)
     return model.eval()
 
 

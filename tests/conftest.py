@@ -1,5 +1,7 @@
-"""Fixtures written in the real file formats (SVHN .mat via scipy, MNIST IDX), so the tests run the
-real loading code. Images carry a class-dependent pattern under noise, so a model can learn them."""
+"""Fixtures written in the real file formats (SVHN .mat via scipy, MNIST IDX, USPS as torchvision's bz2
+LIBSVM text, MNIST-M as npz and as the release's PNG folders), so the tests run the real loading code.
+Images carry a class-dependent pattern under noise, so a model can learn them."""
+import bz2
 import os
 import subprocess
 import sys
@@ -48,7 +50,36 @@ def write_mnist(raw, prefix, n, seed):
     return labels
 
 
-def make_data_dir(root, n_train=600, n_test=200):
+def write_usps(folder, n_train, n_test, seed):
+    """torchvision's USPS files: one line per image, "label i:v ..." with label 1..10 and v in [-1, 1]."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, n in (("usps.bz2", n_train), ("usps.t.bz2", n_test)):
+        labels = rng.integers(0, 10, n)
+        x = digit_images(labels, 16, 1, rng)[..., 0].reshape(n, 256) / 255 * 2 - 1
+        lines = [f"{c + 1} " + " ".join(f"{i + 1}:{v:.4f}" for i, v in enumerate(row)) for c, row in zip(labels, x)]
+        with bz2.open(folder / name, "wt") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def write_mnistm(folder, n_train, n_test, seed, pngs=False):
+    """MNIST-M as the npz this project reads (x uint8 N x 32 x 32 x 3, y), or as the release's PNG folders."""
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(0, 10, n)
+        x = digit_images(labels, 32, 3, rng)
+        if not pngs:
+            np.savez(folder / f"mnist_m_{split}.npz", x=x, y=labels)
+            continue
+        (folder / f"mnist_m_{split}").mkdir()
+        for i, image in enumerate(x):
+            Image.fromarray(image).save(folder / f"mnist_m_{split}" / f"{i:08d}.png")
+        (folder / f"mnist_m_{split}_labels.txt").write_text("".join(f"{i:08d}.png {c}\n" for i, c in enumerate(labels)))
+
+
+def make_data_dir(root, n_train=600, n_test=200, extra_domains=False):
     root.mkdir(parents=True, exist_ok=True)
     write_svhn(root / "train_32x32.mat", n_train, 1)
     write_svhn(root / "test_32x32.mat", n_test, 2)
@@ -56,12 +87,25 @@ def make_data_dir(root, n_train=600, n_test=200):
     raw.mkdir(parents=True)
     write_mnist(raw, "train", n_train, 3)
     write_mnist(raw, "t10k", n_test, 4)
+    if extra_domains:
+        write_usps(root / "USPS", n_train, n_test, 5)
+        write_mnistm(root / "mnist_m", n_train, n_test, 6)
     return root
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: subprocesses, torchrun, the bench; deselect with -m 'not slow'")
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
+    """SVHN and MNIST only: MNIST-M and USPS are absent, as on a machine that never fetched them."""
     return make_data_dir(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def all_domains_dir(tmp_path_factory):
+    return make_data_dir(tmp_path_factory.mktemp("all_domains"), n_train=300, n_test=100, extra_domains=True)
 
 
 def run_script(script, *args, cwd=None, timeout=240):

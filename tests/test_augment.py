@@ -7,6 +7,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from common import Config
+import common.augment
 from common.augment import _perspective, augment, colour, draw, homographies, warp
 
 STRONG = Config(rotate=20, shear=10, translate=0.1, crop_scale=0.3, perspective=0.2, jitter=0.4)
@@ -58,14 +59,22 @@ def test_invert_flips_polarity_per_image():
     assert 10 < sum(flipped) < 54  # each image draws its own coin
 
 
-def test_adding_an_augmentation_keeps_the_draws_of_the_others():
+def test_adding_an_augmentation_keeps_the_draws_of_the_others(monkeypatch):
     x = batch()
     geometry = augment(x, Config(rotate=20, perspective=0.2), 5)
     # Inversion switched on: same rotations and perspectives, every image inverted.
     assert torch.allclose(augment(x, Config(rotate=20, perspective=0.2, invert=0.99999), 5), 1 - geometry, atol=1e-5)
-    # Jitter and shear switched on do not move the rotation's own stream.
-    assert torch.equal(draw(5, "rotate", 1, 6, x.device), draw(5, "rotate", 1, 6, x.device))
-    assert not torch.equal(draw(5, "rotate", 1, 6, x.device), draw(5, "shear", 1, 6, x.device))
+    # Jitter and shear switched on: the rotation draws the same angles from its own stream.
+    drawn = []
+    record = lambda key, name, columns, b, device: drawn.append((name, draw(key, name, columns, b, device))) or drawn[-1][1]
+    monkeypatch.setattr(common.augment, "draw", record)
+    augment(x, Config(rotate=20), 5)
+    alone = dict(drawn)
+    drawn.clear()
+    augment(x, Config(rotate=20, shear=10, jitter=0.3), 5)
+    both = dict(drawn)
+    assert set(alone) == {"rotate"} and set(both) == {"rotate", "shear", "jitter"}
+    assert torch.equal(alone["rotate"], both["rotate"]) and not torch.equal(both["rotate"], both["shear"])
 
 
 def smooth_image():

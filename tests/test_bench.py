@@ -32,6 +32,7 @@ def test_both_sides_see_the_same_images():
     assert abs(losses[0] - losses[1]) < 0.05 * losses[0]  # same data and weights; only the arithmetic differs
 
 
+@pytest.mark.slow
 def test_quick_bench_prints_every_row_and_writes_json(tmp_path, capsys):
     main(["--quick", "--json", str(tmp_path / "bench.json")])
     out = capsys.readouterr().out

@@ -65,3 +65,41 @@ def test_out_of_range_and_non_finite_flags_are_two_lines(argv, capsys):
 def test_non_finite_config_in_code_is_rejected():
     with pytest.raises(UserError, match="finite"):
         Config(lr=float("nan"))
+
+
+def help_text(config, capsys):
+    with pytest.raises(SystemExit):
+        cli(config, ["--help"])
+    return capsys.readouterr().out
+
+
+def test_help_groups_flags_and_leads_with_what_the_script_changes(capsys):
+    from common import AUGMENT_04
+    out = help_text(Config(name="04_augmentation", label_smoothing=0.1, **AUGMENT_04), capsys)
+    titles = [line.rstrip(":") for line in out.splitlines() if line and not line.startswith(" ") and line.endswith(":")
+              and line not in ("options:", "optional arguments:")]  # argparse's own group: just --help
+    assert titles[0] == "what 04_augmentation changes from 01_base (or adds)"
+    assert {"data", "model", "optimization", "augmentation", "cross-domain", "runtime"} <= set(titles)
+    changed = out.split(titles[0])[1].split(titles[1])[0]
+    assert "--rotate" in changed and "--label-smoothing" in changed and "--lr" not in changed
+    assert "(default: 15)" in changed
+
+
+def test_flags_of_one_script_are_not_offered_by_another(capsys):
+    assert "--sweep" not in help_text(Config(), capsys) and "--inherit-best" not in help_text(Config(), capsys)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(Config(), ["--sweep"])
+    assert exit_info.value.code == 2
+
+
+def test_importing_common_changes_no_global_state():
+    import subprocess
+    import sys
+    from conftest import ROOT
+    code = ("import os, matplotlib; b = matplotlib.get_backend(); mask = os.umask(0o027); os.umask(mask); "
+            "import common, common.results, common.report, common.bench; "
+            "assert matplotlib.get_backend() == b, (b, matplotlib.get_backend()); "
+            "now = os.umask(0o022); assert now == mask, (now, mask); print(b)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={"MPLBACKEND": "TkAgg", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.strip() == "TkAgg", done.stderr

@@ -87,3 +87,47 @@ def test_missing_file_without_network_leaves_nothing_behind(tmp_path, monkeypatc
         data.load("svhn", "train", tmp_path)
     assert "--data-dir" in str(error.value)
     assert list(tmp_path.iterdir()) == []  # no half-downloaded file posing as data
+
+
+def test_usps_reads_torchvisions_files_as_mnist_is_shown(tmp_path):
+    from conftest import write_usps
+    write_usps(tmp_path / "USPS", 40, 20, seed=0)
+    x, y = data.load("usps", "test", tmp_path)
+    assert x.shape == (20, 3, 32, 32) and x.dtype == torch.uint8 and torch.equal(x[:, 0], x[:, 1])
+    assert y.dtype == torch.int64 and 0 <= y.min() and y.max() <= 9  # the file's 1..10 is digit 0..9
+    import torchvision
+    raw = torchvision.datasets.USPS(tmp_path / "USPS", train=False)
+    assert y.tolist() == list(raw.targets)
+    assert abs(x[3, 0].float().mean() - raw.data[3].mean()) < 3  # resized, same brightness
+
+
+def test_mnistm_reads_the_npz_and_the_release_png_layout_alike(tmp_path):
+    from conftest import write_mnistm
+    write_mnistm(tmp_path / "npz" / "mnist_m", 30, 12, seed=0)
+    write_mnistm(tmp_path / "png" / "mnist_m", 30, 12, seed=0, pngs=True)
+    x, y = data.load("mnistm", "test", tmp_path / "npz")
+    arrays = np.load(tmp_path / "npz" / "mnist_m" / "mnist_m_test.npz")
+    assert x.shape == (12, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert torch.equal(x, torch.from_numpy(arrays["x"]).permute(0, 3, 1, 2)) and y.tolist() == arrays["y"].tolist()
+    x_png, y_png = data.load("mnistm", "test", tmp_path / "png")
+    assert torch.equal(x_png, x) and torch.equal(y_png, y)
+
+
+def test_absent_optional_domains_are_none_and_the_study_pair_is_not(tmp_path):
+    assert data.load("usps", "test", tmp_path) is None and data.load("mnistm", "train", tmp_path) is None
+    with pytest.raises(UserError, match="train_32x32.mat"):
+        data.load("svhn", "train", tmp_path / "nowhere")
+
+
+def test_a_fifo_as_a_data_file_is_refused_not_waited_on(tmp_path):
+    import os
+    os.mkfifo(tmp_path / "test_32x32.mat")
+    with pytest.raises(UserError, match="not a regular file"):
+        data.load("svhn", "test", tmp_path)
+
+
+def test_bad_mnistm_file_is_named(tmp_path):
+    (tmp_path / "mnist_m").mkdir()
+    np.savez(tmp_path / "mnist_m" / "mnist_m_test.npz", images=np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(UserError, match="mnist_m_test.npz is not an MNIST-M npz"):
+        data.load("mnistm", "test", tmp_path)

@@ -6,7 +6,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # torchrun subprocesses
 
 # BN-free and fp32, so that no per-rank BatchNorm statistics or bf16 rounding separate the two.
 RUN = ["--norm", "none", "--amp", "off", "--width", "16", "--train-subset", "512", "--eval-subset", "64",

@@ -1,4 +1,5 @@
 """Cross-domain building blocks: random-convolution augmentation and test-time adaptation."""
+import copy
 import dataclasses
 import json
 
@@ -13,7 +14,7 @@ from common.augment import (augment, deformable_convolution, deformable_taps, pr
                             random_convolution)
 from common.models import resnet18
 from common.train import jensen_shannon, loss_function, training_loss
-from common.tta import adapt_batchnorm, adapted_accuracy, tent
+from common.tta import TENT_BATCH, adapt_batchnorm, adapted_accuracy, tent
 
 
 def images(n=8):
@@ -38,14 +39,16 @@ def test_randconv_probability_keeps_some_images_clean():
                        augment((x * 255).to(torch.uint8), Config(randconv=0.0), 1))
 
 
-def test_randconv_in_training_keeps_labels(data_dir, tmp_path):
-    cfg = Config(width=8, epochs=1, train_subset=64, eval_subset=32, randconv=0.5, data_dir=str(data_dir),
-                 results_dir=str(tmp_path))
+def test_a_randconv_run_still_learns_its_labels_and_records_dev(data_dir, tmp_path):
+    cfg = Config(width=8, epochs=4, train_subset=256, eval_subset=64, batch_size=32, randconv=0.5, amp="off",
+                 data_dir=str(data_dir), results_dir=str(tmp_path))
     run(cfg)
     metrics = json.loads((tmp_path / "01_base/seed-0/metrics.json").read_text())
     assert metrics["config"]["randconv"] == 0.5 and (tmp_path / "01_base/seed-0/augmented.png").exists()
-    # The target dev set: the cross-domain training file, which an SVHN run never trains on.
-    assert set(metrics["dev"]) == {"mnist"} and metrics["data"]["dev_mnist"] == 32 and 0 <= metrics["dev"]["mnist"] <= 1
+    assert metrics["best_val_acc"] > 0.3 and metrics["test"]["svhn"] > 0.3  # chance is 0.1: labels survived
+    # Dev sets: other domains' training files (here only MNIST is present), never trained on.
+    assert set(metrics["dev"]) == {"mnist"} and metrics["data"]["dev_mnist"] == 64
+    assert metrics["selection"]["recipe"] == ["mnist"] and set(metrics["skipped_domains"]) == {"mnistm", "usps"}
 
 
 def test_progressive_randconv_is_per_image_seeded_and_keeps_shapes():
@@ -131,22 +134,52 @@ def test_bn_adaptation_changes_bn_buffers_only_and_on_a_copy():
     changed = {k for k, v in adapted.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked")
                            for k in changed)
+    # The statistics are the target's: the stem's BN holds the mean and variance of its conv over the target.
+    with torch.no_grad():
+        features = model.stem[0](target.float() / 255)
+    torch.testing.assert_close(adapted.stem[1].running_mean, features.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(adapted.stem[1].running_var, features.var((0, 2, 3)), rtol=1e-3, atol=1e-5)
 
 
-def test_tent_adapts_only_a_copy_and_predicts_every_image():
+def test_bn_adaptation_recovers_most_of_the_accuracy_lost_on_a_shifted_domain(data_dir):
+    from common.experiment import Run, load_data, new_model
+    from common.train import Progress, evaluate, fit, make_optimizer, make_schedule
+    cfg = Config(width=8, epochs=6, batch_size=32, train_subset=320, amp="off", data_dir=str(data_dir))
+    torch.manual_seed(0)
+    run_ = Run(cfg, None, None, torch.device("cpu"), "fp32")
+    data = load_data(run_)
+    model = new_model(run_, data)
+    optimizer = make_optimizer(cfg, model)
+    fit(model, optimizer, make_schedule(cfg, optimizer, len(data.train[1]) // 32), cfg, data.train, data.val, "fp32",
+        Progress())
+    x, y = data.tests["svhn"]
+    shifted = (x.float() * 0.4 + 140).round().to(torch.uint8)  # dimmer contrast, brighter: a new "camera"
+    clean, before = evaluate(model, x, y, "fp32")[1], evaluate(model, shifted, y, "fp32")[1]
+    after = adapted_accuracy(model, shifted, y, "bn", "fp32")
+    assert clean > 0.5 and before < clean - 0.2, (clean, before)  # the shift hurts
+    assert after - before > 0.5 * (clean - before), (clean, before, after)  # adaptation wins most of it back
+
+
+def test_tent_adapts_only_a_copy_and_predicts_every_image_online():
     model = bn_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    target = (images(40) * 255).to(torch.uint8)
+    target = (images(300) * 255).to(torch.uint8)
     preds = tent(model, target, "fp32")
-    assert preds.shape == (40,) and preds.dtype == torch.int64
+    assert preds.shape == (300,) and preds.dtype == torch.int64
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    assert 0 <= adapted_accuracy(model, target, torch.zeros(40, dtype=torch.long), "tent", "fp32") <= 1
+    # Online: the first batch is predicted before any update, with BatchNorm on the batch's own statistics.
+    with torch.no_grad():
+        first = copy.deepcopy(model).train()(target[:TENT_BATCH].float() / 255).argmax(1)
+    assert torch.equal(preds[:TENT_BATCH], first)
+    assert adapted_accuracy(model, target, preds, "tent", "fp32") == 1.0  # scored against these very predictions
 
 
-def test_tta_is_reported_beside_the_source_only_number(data_dir, tmp_path):
-    base = Config(width=8, epochs=1, train_subset=64, eval_subset=32, data_dir=str(data_dir), results_dir=str(tmp_path))
+def test_tta_adapts_to_each_target_domain_beside_its_source_only_number(all_domains_dir, tmp_path):
+    base = Config(width=8, epochs=1, train_subset=64, eval_subset=32, data_dir=str(all_domains_dir),
+                  results_dir=str(tmp_path))
     run(base)
     source_only = json.loads((tmp_path / "01_base/seed-0/metrics.json").read_text())
+    assert set(source_only["test"]) == {"svhn", "mnist", "mnistm", "usps"} and source_only["test_tta"] == {}
     adapted = {}
     for methods in ("bn", "tent", "bn,tent"):
         run(dataclasses.replace(base, tta=methods, restart=True))
@@ -154,16 +187,16 @@ def test_tta_is_reported_beside_the_source_only_number(data_dir, tmp_path):
         assert metrics["test"] == source_only["test"]  # TTA never changes the source-only numbers
         assert set(metrics["test_tta"]) == set(methods.split(","))
         for method, by_target in metrics["test_tta"].items():
-            assert set(by_target) == {"mnist"} and 0 <= by_target["mnist"] <= 1
-            adapted.setdefault(method, set()).add(by_target["mnist"])
+            assert set(by_target) == {"mnist", "mnistm", "usps"}  # every target domain, not the source
+            for domain, accuracy in by_target.items():
+                adapted.setdefault((method, domain), set()).add(accuracy)
     assert all(len(values) == 1 for values in adapted.values())  # both at once = each alone
     from common.report import summary
     text = summary(tmp_path)
-    assert "## Test-time adaptation" in text and "Tent on the unlabelled MNIST test set" in text
-    cells = [c.strip() for c in next(line for line in text.splitlines()
-                                     if line.startswith("| SVHN -> MNIST | 01_base |")).split("|")]
-    assert cells[4:8] == [f"{100 * metrics['test']['mnist']:.2f}", f"{100 * metrics['test_tta']['bn']['mnist']:.2f}",
-                          f"{100 * metrics['test_tta']['tent']['mnist']:.2f}", f"{100 * metrics['dev']['mnist']:.2f}"]
+    rows = [line for line in text.splitlines() if line.startswith("| 01_base | 0 | bn |")]
+    assert [r.split("|")[4].strip() for r in rows] == ["MNIST", "MNIST-M", "USPS"]
+    assert rows[0].split("|")[5].strip() == f"{100 * metrics['test']['mnist']:.2f}"
+    assert rows[0].split("|")[6].strip() == f"{100 * metrics['test_tta']['bn']['mnist']:.2f}"
 
 
 def test_tta_needs_batchnorm():

@@ -43,6 +43,7 @@ def comparable(path):
     return {k: metrics[k] for k in COMPARED}
 
 
+@pytest.mark.slow
 def test_killed_rerun_keeps_old_results_and_resume_equals_uninterrupted(data_dir, tmp_path):
     out = tmp_path / "quiet" / "01_base" / "seed-0"
     first = start(data_dir, tmp_path / "quiet")
@@ -69,6 +70,7 @@ def test_killed_rerun_keeps_old_results_and_resume_equals_uninterrupted(data_dir
     assert comparable(out / "metrics.json") == {k: uninterrupted[k] for k in COMPARED}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])  # SIGTERM: kill, docker, Slurm
 def test_ctrl_c_and_sigterm_save_and_say_how_to_resume(data_dir, tmp_path, sig, code):
     process = start(data_dir, tmp_path)
@@ -77,15 +79,15 @@ def test_ctrl_c_and_sigterm_save_and_say_how_to_resume(data_dir, tmp_path, sig, 
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == code
-    assert "--resume" in stderr and "Traceback" not in stderr
+    assert "Traceback" not in stderr
+    hint = stderr.strip().splitlines()[-1]
+    assert hint.startswith("interrupted: ") and hint.endswith("--resume") and "python " in hint
     metrics = json.loads((partial / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and len(metrics["history"]) >= 1
-    assert (partial / "checkpoint.pt").exists()
-    if sig == signal.SIGTERM:
-        resumed = start(data_dir, tmp_path, "--resume")
-        assert resumed.wait(timeout=240) == 0, resumed.stderr.read()
+    assert (partial / "checkpoint.pt").exists()  # what --resume continues (test above: it equals a whole run)
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_one_line_and_status(data_dir, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "02_no_bn.py"), "--quick", "--lr", "1e12", "--weight-decay", "0",
                            "--data-dir", str(data_dir), "--results-dir", str(tmp_path)], cwd=ROOT,
@@ -129,7 +131,6 @@ def test_bad_inputs_one_line_errors_and_results_intact(finished_run, tmp_path, c
         "results not writable": (dict(results_dir=str(not_a_dir / "sub")), "cannot write results"),
         "nothing to resume": (dict(resume=True), "nothing to resume"),
         "no ImageNet weights file": (dict(arch="imagenet_resnet18", weights=str(tmp_path / "w.pth")), "no such file"),
-        "08 without 07": (dict(init_from="07_reverse_mnist"), "07_reverse_mnist.py"),
     }
     for what, (changes, expected) in cases.items():
         assert expected in exits_with_error(dataclasses.replace(cfg, **changes), capsys), what

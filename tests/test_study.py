@@ -1,12 +1,16 @@
 """The study's numbers mean what their labels say: label budgets, seeded subsets, comparable recipes,
 controls, finished sets."""
 import dataclasses
+import importlib.util
 import json
+import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
 
-from common import Config, UserError, run
+from common import Config, UserError, cli, launch, run
+from conftest import ROOT
 from common.experiment import labelled_split
 from common.models import StandardizeImage, build_model, flops_per_image
 from common.results import best_recipe
@@ -53,10 +57,35 @@ def test_best_recipe_refuses_incomparable_runs(tmp_path):
     finished(tmp_path, "04_augmentation", 0, 0.99, train_subset=500, rotate=15.0)
     with pytest.raises(UserError, match="not comparable.*train_subset=500"):
         best_recipe(Config(name="07_reverse_mnist", results_dir=str(tmp_path)))
-    from common import cli
-    with pytest.raises(SystemExit) as exit_:  # on the command line: the one-line error, exit 2
-        cli(Config(name="07_reverse_mnist", inherit_best=True), ["--results-dir", str(tmp_path)])
-    assert exit_.value.code == 2
+    reverse = script("07_reverse_mnist.py")
+    with pytest.raises(SystemExit) as exit_:  # 07 --inherit-best: the one-line error, exit 1, before any training
+        launch(reverse.main, cli(reverse.CONFIG, ["--inherit-best", "--results-dir", str(tmp_path)]))
+    assert str(exit_.value.code).startswith("error: --inherit-best: the finished 01-06 runs")
+
+
+def script(name):
+    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / name)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # as `python 07_...py` has it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_07_trains_its_own_recipe_whatever_results_holds_and_inherits_only_when_asked(tmp_path, monkeypatch, capsys):
+    reverse = script("07_reverse_mnist.py")
+    started = []
+    monkeypatch.setattr(reverse, "start", lambda cfg, **provenance: started.append((cfg, provenance)) or nullcontext())
+    monkeypatch.setattr(reverse, "load_data", lambda run: (_ for _ in ()).throw(SystemExit("stop here")))
+    argv = ["--results-dir", str(tmp_path)]
+    for _ in range(2):  # results/ empty, then holding a better 01-06 run
+        with pytest.raises(SystemExit):
+            reverse.main(cli(reverse.CONFIG, argv))
+        finished(tmp_path, "03_label_smoothing", 0, 0.93, label_smoothing=0.3, lr=0.05)
+    assert started[0][0] == started[1][0] and started[0][0].lr == 0.1 and started[0][0].label_smoothing == 0.1
+    with pytest.raises(SystemExit):
+        reverse.main(cli(reverse.CONFIG, argv + ["--inherit-best", "--lr", "0.07"]))
+    inherited, provenance = started[2]
+    assert inherited.label_smoothing == 0.3 and inherited.lr == 0.07  # taken, but a passed flag still wins
+    assert "03_label_smoothing" in provenance["inherited_from"]["why"] and "--inherit-best" in capsys.readouterr().out
 
 
 def test_imagenet_network_keeps_per_image_standardization():
@@ -100,7 +129,7 @@ def test_a_crash_before_metrics_json_leaves_the_old_set_whole(data_dir, tmp_path
 
 
 def test_an_interrupted_swap_is_completed_or_undone(tmp_path):
-    from common.results import recover_swap
+    from common.plumbing import recover_swap
     out = tmp_path / "seed-0"
     for state in ("finished", "running"):
         (tmp_path / "seed-0.old").mkdir()

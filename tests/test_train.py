@@ -8,22 +8,29 @@ import torch
 import torch.nn.functional as F
 
 from common import Config
-from common.experiment import input_stats, load_data, seed_everything
-from common.models import build_model
+from common import experiment
+from common.experiment import Data, Run, input_stats, load_data, new_model, seed_everything
+from common.models import Normalize
 from common.train import Diverged, Progress, fit, loss_function, make_optimizer, make_schedule
 from conftest import ROOT
 
 SMALL = Config(width=8, epochs=8, batch_size=32, train_subset=256, lr=0.1, amp="off")
 
 
+def bare_run(cfg):
+    """A Run that writes nothing: for the verbs that only read and compute."""
+    return Run(cfg, out=None, staging=None, device=torch.device("cpu"), precision="fp32")
+
+
 def train_small(data_dir, **changes):
     cfg = dataclasses.replace(SMALL, data_dir=str(data_dir), **changes)
     seed_everything(cfg.seed)
-    train, val, _ = load_data(cfg, torch.device("cpu"))
-    model = build_model(cfg, *input_stats(train[0])).to(memory_format=torch.channels_last)
+    run = bare_run(cfg)
+    data = load_data(run)
+    model = new_model(run, data)
     optimizer = make_optimizer(cfg, model)
-    schedule = make_schedule(cfg, optimizer, len(train[1]) // cfg.batch_size)
-    return fit(model, optimizer, schedule, cfg, train, val, "fp32", Progress())
+    schedule = make_schedule(cfg, optimizer, len(data.train[1]) // cfg.batch_size)
+    return fit(model, optimizer, schedule, cfg, data.train, data.val, "fp32", Progress())
 
 
 def test_loss_falls_and_validation_improves_on_a_learnable_fixture(data_dir):
@@ -67,6 +74,7 @@ def test_precision_is_bf16_only_where_native(monkeypatch):
     assert train.pick_precision("auto", cpu) == "bf16" and train.pick_precision("off", cpu) == "fp32"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_stops_page_faulting_buffers_in_every_step():
     # Its own process: the setting is process-wide and cannot be undone for the comparison.
@@ -74,7 +82,7 @@ def test_keep_freed_memory_stops_page_faulting_buffers_in_every_step():
 import resource, torch
 from common.bench import STACK
 from common.augment import augment
-from common.train import keep_freed_memory
+from common.plumbing import keep_freed_memory
 images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8)
 def faults_per_call():
     augment(images, STACK, 0)
@@ -83,10 +91,51 @@ def faults_per_call():
         augment(images, STACK, 0)
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
 default = faults_per_call()
-keep_freed_memory(torch.device("cpu"))
+keep_freed_memory()
 print(default, faults_per_call())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True).stdout
     default, kept = map(float, out.split())
-    assert kept < default / 3, (default, kept)  # measured here: ~7,000 -> ~200 per call
+    assert kept < default / 3, (default, kept)  # measured: ~7,000 -> ~200 per call
+
+
+def split(value, n):
+    return torch.full((n, 3, 32, 32), value, dtype=torch.uint8), torch.arange(n) % 10
+
+
+def test_normalization_statistics_come_from_the_train_split_only():
+    cfg = Config(width=8, amp="off")
+    data = Data(train=split(51, 20), val=split(255, 20), tests={"svhn": split(200, 20)}, dev={"mnist": split(0, 20)},
+                skipped={})
+    model = new_model(bare_run(cfg), data)
+    normalize = next(m for m in model.modules() if isinstance(m, Normalize))
+    assert torch.allclose(normalize.mean.flatten(), torch.full((3,), 0.2))  # 51 / 255: train alone
+    assert normalize.mean.flatten().tolist() == pytest.approx(input_stats(data.train[0])[0])
+
+
+class Recorder(torch.nn.Module):
+    """Predicts class 0 and keeps every input it was shown."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return torch.zeros(len(x), 10) + self.weight
+
+
+def test_evaluation_is_never_augmented():
+    heavy = Config(rotate=90, jitter=0.9, invert=0.9, prorandconv=0.9, randconv=0.9, amp="off")
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    data = Data(train=None, val=None, tests={"svhn": (images, torch.zeros(12, dtype=torch.long))},
+                dev={"mnist": (images, torch.arange(12) % 10)}, skipped={})
+    run = bare_run(heavy)
+    model = Recorder()
+    run.progress.best_weights = model.state_dict()
+    results = experiment.test(run, model, data)
+    assert results["test"]["svhn"] == 1.0 and len(model.seen) == 2
+    for seen in model.seen:
+        assert torch.equal(seen, images.float() / 255)  # exactly the images: no augmentation draw at test time
