@@ -59,29 +59,48 @@ def draw(key, name, columns, b, device):
     return torch.rand(b, columns, generator=stream(key, name, device), device=device) * 2 - 1
 
 
-def random_convolution(x, key, probability, view=0):
-    """RandConv (Xu et al., ICLR 2021): each chosen image is convolved with its own random kernel, 1x1, 3x3, 5x5
-    or 7x7 with N(0, 1 / fan_in) weights, and mixed with itself at alpha ~ U(0, 1). Texture and colour change,
-    shape stays. All kernels are zero-padded to 7x7, so the batch is one grouped convolution (groups = B)."""
+def random_convolution(x, key, cfg, view=0):
+    """RandConv (Xu et al., ICLR 2021): a random kernel, 1x1, 3x3, 5x5 or 7x7 with N(0, 1 / fan_in) weights, mixed
+    with the image at alpha ~ U(0, 1). Texture and colour change, shape stays. cfg.randconv_per "image": each
+    image its own kernel and coin (probability cfg.randconv); "batch": one kernel for the whole batch, which stays
+    clean with probability 1 - cfg.randconv (the official code's identity probability). All kernels are
+    zero-padded to 7x7, so the batch is one grouped convolution (groups = B)."""
     b, c, h, w = x.shape
-    size, alpha, chosen = draw(key, named("randconv", view), 3, b, x.device).unbind(1)
+    n = 1 if cfg.randconv_per == "batch" else b  # independent draws
+    size, alpha, chosen = draw(key, named("randconv", view), 3, n, x.device).expand(b, -1).unbind(1)
     k = ((size + 1) * 2).floor().clamp(max=3) * 2 + 1  # 1, 3, 5 or 7, uniformly
-    weights = torch.randn(b, c, c, 7, 7, generator=stream(key, named("randconv_weights", view), x.device),
-                          device=x.device)
+    weights = torch.randn(n, c, c, 7, 7, generator=stream(key, named("randconv_weights", view), x.device),
+                          device=x.device).expand(b, -1, -1, -1, -1)
     offset = (torch.arange(7, device=x.device) - 3).abs()
     inside = (offset.view(1, 7, 1) <= k.view(b, 1, 1) // 2) & (offset.view(1, 1, 7) <= k.view(b, 1, 1) // 2)
     weights = weights * inside.view(b, 1, 1, 7, 7) / (c * k * k).sqrt().view(b, 1, 1, 1, 1)
     padded = F.pad(x.reshape(1, b * c, h, w), (3, 3, 3, 3), mode="replicate")  # no black frame
-    convolved = F.conv2d(padded, weights.view(b * c, c, 7, 7), groups=b).view(b, c, h, w)
-    alpha = ((alpha + 1) / 2).view(b, 1, 1, 1)
-    mixed = torch.lerp(convolved, x, alpha)
-    return torch.where((chosen + 1 < 2 * probability).view(b, 1, 1, 1), mixed, x)
+    convolved = F.conv2d(padded, weights.reshape(b * c, c, 7, 7), groups=b).view(b, c, h, w)
+    mixed = torch.lerp(convolved, x, ((alpha + 1) / 2).view(b, 1, 1, 1))
+    return torch.where((chosen + 1 < 2 * cfg.randconv).view(b, 1, 1, 1), match(mixed, x, cfg.dg_output), x)
 
 
-# Pro-RandConv's digit settings as we read the paper (no official code is public): tap offsets N(0, s^2) pixels per
-# pixel and tap with s ~ U(0, 0.2); contrast gain and shift N(0, 0.5^2) per channel.
-PRO_OFFSET, PRO_AFFINE = 0.2, 0.5
-PRO_PADDING = "border"  # a module constant so that the test against deform_conv2d can switch it to zeros
+def match(out, x, mode):
+    """DG outputs as the network will see them: "unit" as made (RandConv's mix, Pro-RandConv's tanh in [0, 1]);
+    "matched": each image and channel moved to the clean image's own mean and std, so the normalization in front
+    of the network (the clean train split's statistics) sees inputs in the range it was fitted on."""
+    if mode == "unit":
+        return out
+    mean, std = out.mean((2, 3), keepdim=True), out.std((2, 3), keepdim=True).clamp(min=1e-3)
+    return (out - mean) / std * x.std((2, 3), keepdim=True) + x.mean((2, 3), keepdim=True)
+
+
+def smooth_field(noise, sigma):
+    """A Gaussian random field: white noise (B, C, H, W) blurred by a Gaussian of `sigma` pixels (separable,
+    reflect-padded), rescaled to unit std per map, so neighbouring pixels move together."""
+    radius = max(1, math.ceil(3 * sigma))
+    taps = torch.arange(-radius, radius + 1, device=noise.device, dtype=noise.dtype)
+    kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    b, c, h, w = noise.shape
+    y = F.pad(noise.reshape(b * c, 1, h, w), (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(F.conv2d(y, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1)).view(b, c, h, w)
+    return y / y.std((2, 3), keepdim=True).clamp(min=1e-6)
 
 
 def deformable_taps(offsets, h, w):
@@ -96,41 +115,48 @@ def deformable_taps(offsets, h, w):
     return torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], -1).view(b, 9 * h, w, 2)
 
 
-def deformable_convolution(x, grid, weights):
+def deformable_convolution(x, grid, weights, padding="border"):
     """Per-image 3x3 deformable convolution: x (B, C, H, W), grid from deformable_taps, weights (B, O, C, 3, 3).
     One grid_sample gathers all nine taps, one einsum weighs them. Equal to torchvision's deform_conv2d with
-    per-image groups (tested) when padding is zeros; here the border is repeated, so no black frame. 10.7x the
+    per-image groups (tested) when padding is "zeros"; "border" repeats the edge, so no black frame. 10.7x the
     images/s of one grouped deform_conv2d (groups = B) for 128 images on a 2-core AMD EPYC (`python -m common.bench`)."""
     b, c, h, w = x.shape
-    taps = F.grid_sample(x, grid, mode="bilinear", padding_mode=PRO_PADDING, align_corners=False).view(b, c, 3, 3, h, w)
+    taps = F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False).view(b, c, 3, 3, h, w)
     return torch.einsum("bockl,bcklhw->bohw", weights, taps)
 
 
-def progressive_random_convolution(x, key, probability, max_layers, view=0):
-    """Pro-RandConv (Choi et al., CVPR 2023): one random 3x3 block per image, applied to it L ~ U{1..max_layers}
-    times, so that the receptive field grows without a large kernel's blur. The block is a deformable convolution
-    (Kaiming-normal weights under a Gaussian window of sigma ~ U(0, 1), per-pixel random tap offsets of scale
-    ~ U(0, PRO_OFFSET)), standardization of each channel, a random affine (gain and shift, per channel) and tanh,
-    mapped back to [0, 1]. An image keeps the output of its own L-th layer. Chosen with `probability`; the rest
-    stay as they are."""
+def progressive_random_convolution(x, key, cfg, view=0):
+    """Pro-RandConv (Choi et al., CVPR 2023): one random 3x3 block, applied L ~ U{1..cfg.prorandconv_layers} times,
+    so that the receptive field grows without a large kernel's blur. The block: a deformable convolution
+    (Kaiming-normal weights under a Gaussian window of sigma ~ U(0, 1); tap offsets of scale ~ U(0,
+    cfg.prorandconv_offset) pixels, i.i.d. per pixel ("white") or a smooth Gaussian random field ("field")),
+    standardization of each channel, a random per-channel gain and shift (N(0, cfg.prorandconv_affine^2)), tanh,
+    mapped to [0, 1]. cfg.prorandconv_per "image": each image its own block and L; "batch": one block and L for
+    the whole batch, a virtual domain per BatchNorm batch (the paper). Each image is chosen with probability
+    cfg.prorandconv; the rest stay as they are."""
     b, c, h, w = x.shape
     device = x.device
-    chosen, layers, sigma, spread = ((draw(key, named("prorandconv", view), 4, b, device) + 1) / 2).unbind(1)
-    layers = (layers * max_layers).floor().clamp(max=max_layers - 1) + 1  # 1..max_layers, uniformly
+    n = 1 if cfg.prorandconv_per == "batch" else b  # independent blocks
+    drawn = (draw(key, named("prorandconv", view), 4, b, device) + 1) / 2  # per image: its coin, then its block's
+    chosen, (layers, sigma, spread) = drawn[:, 0], drawn[:n, 1:].expand(b, -1).unbind(1)  # "batch": image 0's block
+    most = cfg.prorandconv_layers
+    layers = (layers * most).floor().clamp(max=most - 1) + 1  # 1..most, uniformly
     taps = torch.arange(3, device=device, dtype=torch.float32) - 1
     window = torch.exp(-(taps.view(1, 3, 1) ** 2 + taps.view(1, 1, 3) ** 2) / (2 * sigma.clamp(min=1e-2).view(b, 1, 1) ** 2))
-    weights = torch.randn(b, c, c, 3, 3, generator=stream(key, named("prorandconv_weights", view), device), device=device)
-    weights = weights * window.view(b, 1, 1, 3, 3) / math.sqrt(c * 9)
-    offsets = torch.randn(b, 18, h, w, generator=stream(key, named("prorandconv_offsets", view), device), device=device)
-    grid = deformable_taps(offsets * (spread * PRO_OFFSET).view(b, 1, 1, 1), h, w)
-    gain, shift = (torch.randn(2, b, c, 1, 1, generator=stream(key, named("prorandconv_affine", view), device),
-                               device=device) * PRO_AFFINE).unbind(0)
+    weights = torch.randn(n, c, c, 3, 3, generator=stream(key, named("prorandconv_weights", view), device), device=device)
+    weights = weights.expand(b, -1, -1, -1, -1) * window.view(b, 1, 1, 3, 3) / math.sqrt(c * 9)
+    offsets = torch.randn(n, 18, h, w, generator=stream(key, named("prorandconv_offsets", view), device), device=device)
+    if cfg.prorandconv_offsets == "field":
+        offsets = smooth_field(offsets, cfg.prorandconv_field)
+    grid = deformable_taps(offsets.expand(b, -1, -1, -1) * (spread * cfg.prorandconv_offset).view(b, 1, 1, 1), h, w)
+    gain, shift = (torch.randn(2, n, c, 1, 1, generator=stream(key, named("prorandconv_affine", view), device),
+                               device=device) * cfg.prorandconv_affine).expand(-1, b, -1, -1, -1).unbind(0)
     out, y = x, x
-    for layer in range(1, max_layers + 1):
-        y = deformable_convolution(y, grid, weights)
+    for layer in range(1, int(layers.max()) + 1):
+        y = deformable_convolution(y, grid, weights, cfg.prorandconv_padding)
         y = torch.tanh(torch.addcmul(shift, F.instance_norm(y), gain))  # instance_norm: each image's channels
         out = torch.where((layers == layer).view(b, 1, 1, 1), (y + 1) / 2, out)
-    return torch.where((chosen < probability).view(b, 1, 1, 1), out, x)
+    return torch.where((chosen < cfg.prorandconv).view(b, 1, 1, 1), match(out, x, cfg.dg_output), x)
 
 
 def homographies(angle, shear, sx, sy, tx, ty):
@@ -215,7 +241,7 @@ def augment(images, cfg, key, view=0):
     flip = uniform("invert", 1)[0] + 1 < 2 * cfg.invert if cfg.invert else None
     x = colour(x, *jitter, flip=flip)
     if cfg.randconv:
-        x = random_convolution(x, key, cfg.randconv, view)
+        x = random_convolution(x, key, cfg, view)
     if cfg.prorandconv:
-        x = progressive_random_convolution(x, key, cfg.prorandconv, cfg.prorandconv_layers, view)
+        x = progressive_random_convolution(x, key, cfg, view)
     return x

@@ -49,7 +49,9 @@ class Config:
     optimizer: str = "sgd"          # sgd (Nesterov) | adamw
     lr: float = 0.1                 # peak of the one-cycle schedule
     momentum: float = 0.9           # SGD momentum, constant (the schedule moves only the lr)
-    weight_decay: float = 5e-4      # applied to every parameter; 5e-4 is the usual value for ResNets on 32x32 digits
+    weight_decay: float = 5e-4      # 5e-4 is the usual value for ResNets on 32x32 digits
+    decay_norm_bias: bool = True    # weight decay on BatchNorm and bias parameters too; --no-decay-norm-bias: weights only
+    clip_grad: float = 0.0          # >0: clip the global gradient norm to this (after unscaling fp16); 0 = off
     warmup: float = 0.2             # fraction of all steps spent ramping the lr up (OneCycle pct_start)
     label_smoothing: float = 0.0    # epsilon of torch's CrossEntropyLoss (03)
     # augmentation
@@ -63,10 +65,23 @@ class Config:
     randconv: float = 0.0           # probability of a random-convolution view (RandConv): new textures and colours, same shapes
     prorandconv: float = 0.0        # probability of a progressive random-convolution view (Pro-RandConv): stacked 3x3 random blocks
     prorandconv_layers: int = 10    # Pro-RandConv's L ~ U{1..this}: more layers, larger and stranger textures (the paper's digit value)
+    prorandconv_per: str = "image"  # image: each image its own random block | batch: one block per mini-batch (the paper)
+    prorandconv_offsets: str = "white"  # tap offsets i.i.d. per pixel (white) | a smooth Gaussian random field (field, the paper)
+    prorandconv_offset: float = 0.2 # offsets' scale ~ U(0, this) pixels (our reading of the paper's digit bound)
+    prorandconv_field: float = 4.0  # --prorandconv-offsets field: correlation length (Gaussian sigma) of the field, pixels
+    prorandconv_affine: float = 0.5 # sigma of the random per-channel gain and shift after standardization
+    prorandconv_padding: str = "border"  # border: edges repeated, no black frame | zeros: deform_conv2d's padding
+    randconv_per: str = "image"     # image: each image its own kernel | batch: one kernel, the batch clean w.p. 1 - randconv (official)
+    dg_output: str = "unit"         # unit: random-conv outputs as made | matched: moved to each clean image's mean/std per channel
+    dg_ramp: float = 0.0            # fraction of all steps over which invert/randconv/prorandconv ramp up from 0 (0 = off)
     consistency: float = 0.0        # weight of the Jensen-Shannon consistency across augmented views (AugMix); 0 = one view, no extra cost
     views: int = 2                  # augmented views per image when --consistency > 0: each extra view costs one more forward/backward
+    consistency_clean: bool = False # AugMix: view 0 without invert/randconv/prorandconv, cross-entropy on it alone, JSD over all
     # cross-domain
     tta: str = "none"               # none | bn | tent | bn,tent: test-time adaptation to each unlabelled target test set, reported apart (test_tta)
+    tent_lr: float = 1e-3           # Tent's SGD lr (momentum 0.9) on the BN affine parameters (Tent's digit setting)
+    tent_batch: int = 128           # Tent's online batch: each batch is predicted, then one entropy step
+    dev_images: int = 10_000        # cap per dev domain (stratified): a 0.01-point resolution, seconds to evaluate
     # runtime
     seed: int = 0                   # model init, batch order, augmentation and the --train-subset draw; the val split stays fixed
     device: str = "auto"            # auto | cpu | cuda
@@ -95,17 +110,22 @@ class Config:
 
 AUGMENT_FIELDS = ("rotate", "shear", "translate", "crop_scale", "perspective", "jitter", "invert", "randconv",
                   "prorandconv")
+DG_FIELDS = ("invert", "randconv", "prorandconv")  # the cross-domain augmentations: ramped by --dg-ramp, off in a clean view
 CHOICES = dict(dataset=("svhn", "mnist"), arch=("resnet18", "imagenet_resnet18"), norm=("batch", "none"),
                input_norm=("dataset", "image"), transfer_input=("upsample64", "upsample224", "stem3x3"),
                optimizer=("sgd", "adamw"), device=("auto", "cpu", "cuda"), amp=("auto", "bf16", "fp16", "off"),
-               tta=("none", "bn", "tent", "bn,tent"))
-POSITIVE = ("epochs", "batch_size", "lr", "width", "warmup", "prorandconv_layers", "views")
+               tta=("none", "bn", "tent", "bn,tent"), prorandconv_per=("image", "batch"), randconv_per=("image", "batch"),
+               prorandconv_offsets=("white", "field"), prorandconv_padding=("border", "zeros"),
+               dg_output=("unit", "matched"))
+POSITIVE = ("epochs", "batch_size", "lr", "width", "warmup", "prorandconv_layers", "views", "prorandconv_field", "tent_lr",
+            "tent_batch", "dev_images")
 NON_NEGATIVE = ("seed", "train_subset", "eval_subset", "weight_decay", "consistency", "rotate", "shear", "translate",
-                "crop_scale", "perspective", "jitter", "invert")
-FRACTIONS = ("warmup", "momentum", "label_smoothing", "crop_scale", "jitter", "invert", "randconv", "prorandconv")
+                "crop_scale", "perspective", "jitter", "invert", "clip_grad", "prorandconv_offset", "prorandconv_affine")
+FRACTIONS = ("warmup", "momentum", "label_smoothing", "crop_scale", "jitter", "invert", "randconv", "prorandconv", "dg_ramp")
 AT_MOST = dict(seed=(2**31 - 1, "it seeds numpy too"), rotate=(180, "degrees"), shear=(60, "degrees"),
                translate=(0.5, "of the image size"), perspective=(0.5, "of the image size"),
-               width=(1024, "channels"), prorandconv_layers=(50, "layers"), views=(8, "views"))
+               width=(1024, "channels"), prorandconv_layers=(50, "layers"), views=(8, "views"),
+               prorandconv_offset=(4, "pixels"), prorandconv_field=(16, "pixels"))
 
 
 def flag(field_name):
@@ -142,6 +162,9 @@ def check_combinations(cfg):
         raise UserError(f"--consistency compares augmented views: it needs --views >= 2, got {cfg.views}")
     if cfg.consistency and not cfg.augments:
         raise UserError("--consistency compares augmented views, and no augmentation is on: identical views")
+    if cfg.consistency_clean and not (cfg.consistency and (cfg.invert or cfg.randconv or cfg.prorandconv)):
+        raise UserError("--consistency-clean anchors JSD on a view without invert/randconv/prorandconv: it needs "
+                        "--consistency > 0 and one of them on")
     if cfg.tta != "none" and cfg.norm == "none" and cfg.arch == "resnet18":
         raise UserError(f"--tta {cfg.tta} adapts BatchNorm layers: it needs --norm batch")
     if cfg.resume and cfg.restart:

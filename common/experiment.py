@@ -37,7 +37,6 @@ from .train import (Diverged, Progress, configure_backends, evaluate, fit, grad_
 from .tta import adapted_accuracy
 
 QUICK_IMAGES = 256
-DEV_IMAGES = 10_000  # per dev domain: a 0.01-point resolution, and seconds to evaluate
 # What a model.pt fixes about the network: a run initialized from it (08) takes these from it.
 MODEL_FIELDS = ("arch", "norm", "input_norm", "width", "transfer_input")
 
@@ -235,7 +234,7 @@ def load_data(run):
         tests[domain] = capped(test_split, cfg.eval_subset, device)
         dev_split = datasets.load(domain, "train", cfg.data_dir) if domain in dev_domains(cfg.dataset) else None
         if dev_split is not None:
-            dev[domain] = capped(dev_split, min(cfg.eval_subset or DEV_IMAGES, DEV_IMAGES), device)
+            dev[domain] = capped(dev_split, min(cfg.eval_subset or cfg.dev_images, cfg.dev_images), device)
     data = Data((x[train_idx].to(device), y[train_idx].to(device)), (x[val_idx].to(device), y[val_idx].to(device)),
                 tests, dev, skipped)
     if skipped and run.main:
@@ -346,7 +345,9 @@ def adapt(run, model, data, methods=None):
         return {}
     methods = [m for m in (methods or run.cfg.tta).split(",") if m != "none"]
     targets = [d for d in data.tests if d != run.cfg.dataset]
-    return {m: {d: adapted_accuracy(model, *data.tests[d], m, run.precision) for d in targets} for m in methods}
+    cfg = run.cfg
+    return {m: {d: adapted_accuracy(model, *data.tests[d], m, run.precision, cfg.tent_lr, cfg.tent_batch) for d in targets}
+            for m in methods}
 
 
 def finish(run, model, data, results):

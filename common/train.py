@@ -1,4 +1,5 @@
 """fit(): the one training loop of every experiment; evaluate(); devices, precision, optimizers, schedules."""
+import copy
 import functools
 import math
 import os
@@ -13,6 +14,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .augment import augment
+from .config import DG_FIELDS
 from .errors import UserError
 
 
@@ -117,10 +119,15 @@ def batches(x, y, batch_size, generator=None):
 
 
 def make_optimizer(cfg, model):
+    """SGD + Nesterov or AdamW. --no-decay-norm-bias: BatchNorm scales and shifts, biases and SkipInit gains (every
+    parameter of at most one dimension) are not decayed, only the conv and linear weights."""
+    params = model.parameters()
+    if not cfg.decay_norm_bias:
+        decayed = [p for p in model.parameters() if p.ndim > 1]
+        params = [dict(params=decayed), dict(params=[p for p in model.parameters() if p.ndim <= 1], weight_decay=0.0)]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                           weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
 
 
 def one_cycle(step, total, warmup):
@@ -167,20 +174,47 @@ def jensen_shannon(logits):
     return (log_p.exp() * (log_p - log_mixture)).sum(-1).mean()
 
 
+def derived(cfg, **changes):
+    """A per-step variant of cfg (a ramped or a clean view's strengths), not a config of its own: it skips the
+    cross-field checks, which judge what a user asks for, not a view of it."""
+    view = copy.copy(cfg)
+    for key, value in changes.items():
+        object.__setattr__(view, key, value)
+    return view
+
+
+def clean_view(cfg):
+    """The anchor view of --consistency-clean: the same geometry and colour, no cross-domain augmentation."""
+    return derived(cfg, **{k: 0.0 for k in DG_FIELDS})
+
+
 def training_loss(model, xb, yb, cfg, key, loss_fn, precision):
     """(loss, logits of the first view) of one batch. With --consistency: cfg.views augmented views in one
-    forward pass, cross-entropy averaged over them plus the weighted Jensen-Shannon consistency. Augmentation
+    forward pass, cross-entropy averaged over them plus the weighted Jensen-Shannon consistency; with
+    --consistency-clean, view 0 is the clean view and the only one with cross-entropy (AugMix). Augmentation
     runs outside autocast: in fp32 whatever the model's precision."""
     views = cfg.views if cfg.consistency else 1
     augment_cfg = cfg if cfg.augments else None
-    inputs = torch.cat([to_input(xb, augment_cfg, key, view) for view in range(views)])
+    inputs = torch.cat([to_input(xb, clean_view(cfg) if view == 0 and cfg.consistency_clean else augment_cfg, key, view)
+                        for view in range(views)])
     with autocast(xb.device, precision):
         logits = model(inputs)
     logits = logits.float().view(views, len(xb), -1)
-    loss = loss_fn(logits.flatten(0, 1), yb.repeat(views))
+    if cfg.consistency_clean:
+        loss = loss_fn(logits[0], yb)
+    else:
+        loss = loss_fn(logits.flatten(0, 1), yb.repeat(views))
     if views > 1:
         loss = loss + cfg.consistency * jensen_shannon(logits)
     return loss, logits[0]
+
+
+def ramped(cfg, done):
+    """cfg with the cross-domain augmentations scaled by how far training is (`done`, a fraction) into the
+    --dg-ramp: a network that has first learned the digits meets the strange textures gradually."""
+    if not cfg.dg_ramp or done >= cfg.dg_ramp:
+        return cfg
+    return derived(cfg, **{k: getattr(cfg, k) * done / cfg.dg_ramp for k in DG_FIELDS})
 
 
 # Cross-entropy over 10 classes starts near ln 10 = 2.3; a train loss of 1,000 means logit margins of 1,000 the
@@ -270,9 +304,13 @@ def train_epoch(model, optimizer, schedule, scaler, cfg, train, epoch, precision
         if world > 1:  # this rank's slice of the global batch
             xb, yb = xb.chunk(world)[rank], yb.chunk(world)[rank]
         key = augment_key(cfg.seed, epoch, step) * world + rank
-        loss, logits = training_loss(model, xb, yb, cfg, key, loss_fn, precision)
+        step_cfg = ramped(cfg, (epoch * steps + step) / (cfg.epochs * steps))
+        loss, logits = training_loss(model, xb, yb, step_cfg, key, loss_fn, precision)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if cfg.clip_grad:  # on the true gradients: unscaled first (a no-op unless fp16)
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         scaler.step(optimizer)
         scaler.update()
         schedule.step()

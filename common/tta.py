@@ -17,9 +17,6 @@ from torch.optim.swa_utils import update_bn
 from .errors import UserError
 from .train import autocast, evaluate, to_input
 
-TENT_LR, TENT_BATCH = 1e-3, 128  # Tent's SGD settings for digits (momentum 0.9)
-
-
 def batchnorms(model):
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -33,7 +30,7 @@ def adapt_batchnorm(model, x, precision, batch_size=512):
     return model.eval()
 
 
-def tent(model, x, precision):
+def tent(model, x, precision, lr=1e-3, batch_size=128):
     """Online predictions of Tent over the stream x, in order."""
     model = copy.deepcopy(model).train()
     params = [p for bn in batchnorms(model) for p in (bn.weight, bn.bias) if p is not None]
@@ -41,9 +38,9 @@ def tent(model, x, precision):
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.SGD(params, lr=TENT_LR, momentum=0.9)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
     preds = []
-    for xb in x.split(TENT_BATCH):
+    for xb in x.split(batch_size):
         with autocast(x.device, precision):
             logits = model(to_input(xb)).float()
         entropy = -(F.softmax(logits, 1) * F.log_softmax(logits, 1)).sum(1).mean()
@@ -54,10 +51,10 @@ def tent(model, x, precision):
     return torch.cat(preds)
 
 
-def adapted_accuracy(model, x, y, method, precision):
-    """Accuracy on (x, y) after adapting a copy of model to x without its labels."""
+def adapted_accuracy(model, x, y, method, precision, tent_lr=1e-3, tent_batch=128):
+    """Accuracy on (x, y) after adapting a copy of model to x without its labels (Tent: --tent-lr, --tent-batch)."""
     if not batchnorms(model):
         raise UserError(f"--tta {method} adapts BatchNorm layers, and this model has none (--norm none)")
     if method == "bn":
         return evaluate(adapt_batchnorm(model, x, precision), x, y, precision)[1]
-    return (tent(model, x, precision) == y).float().mean().item()
+    return (tent(model, x, precision, tent_lr, tent_batch) == y).float().mean().item()

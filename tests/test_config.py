@@ -54,7 +54,11 @@ def test_flag_types_come_from_the_annotations():
                                   ["--name", "../elsewhere"], ["--name", "04_augmentation"], ["--resume", "--restart"],
                                   ["--tta", "bn", "--norm", "none"], ["--randconv", "1"], ["--prorandconv", "1"],
                                   ["--prorandconv-layers", "0"], ["--consistency", "-1"], ["--tta", "tent,bn"],
-                                  ["--consistency", "1", "--views", "1", "--rotate", "5"], ["--consistency", "1"]])
+                                  ["--consistency", "1", "--views", "1", "--rotate", "5"], ["--consistency", "1"],
+                                  ["--prorandconv-per", "pixel"], ["--prorandconv-offsets", "pink"],
+                                  ["--clip-grad", "-1"], ["--dg-ramp", "1"], ["--prorandconv-field", "0"],
+                                  ["--tent-batch", "0"], ["--dg-output", "clamped"], ["--consistency-clean"],
+                                  ["--prorandconv-offset", "10"], ["--randconv-per", "all"], ["--dev-images", "0"]])
 def test_out_of_range_and_non_finite_flags_are_two_lines(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli(BASE, argv)

@@ -9,12 +9,16 @@ import torch
 from common import Config, UserError, run
 from torchvision.ops import deform_conv2d
 
-import common.augment
 from common.augment import (augment, deformable_convolution, deformable_taps, progressive_random_convolution,
                             random_convolution)
 from common.models import resnet18
 from common.train import jensen_shannon, loss_function, training_loss
-from common.tta import TENT_BATCH, adapt_batchnorm, adapted_accuracy, tent
+from common.tta import adapt_batchnorm, adapted_accuracy, tent
+
+TENT_BATCH = 128  # tent()'s default batch
+
+
+PRO4 = Config(prorandconv=0.999, prorandconv_layers=4)
 
 
 def images(n=8):
@@ -23,16 +27,16 @@ def images(n=8):
 
 def test_randconv_is_per_image_seeded_and_keeps_shapes():
     x = images(1).expand(6, -1, -1, -1).contiguous()  # six copies of one image
-    out = random_convolution(x, key=3, probability=0.999)
+    out = random_convolution(x, 3, Config(randconv=0.999))
     assert out.shape == x.shape and out.dtype == x.dtype
     assert not torch.allclose(out[0], out[1], atol=1e-3)  # each image its own kernel and mixing weight
-    assert torch.equal(out, random_convolution(x, key=3, probability=0.999))
-    assert not torch.equal(out, random_convolution(x, key=4, probability=0.999))
+    assert torch.equal(out, random_convolution(x, 3, Config(randconv=0.999)))
+    assert not torch.equal(out, random_convolution(x, 4, Config(randconv=0.999)))
 
 
 def test_randconv_probability_keeps_some_images_clean():
     x = images(64)
-    out = random_convolution(x, key=1, probability=0.5)
+    out = random_convolution(x, 1, Config(randconv=0.5))
     clean = [torch.equal(a, b) for a, b in zip(out, x)]
     assert 10 < sum(clean) < 54
     assert torch.equal(augment((x * 255).to(torch.uint8), Config(), 1),
@@ -53,20 +57,19 @@ def test_a_randconv_run_still_learns_its_labels_and_records_dev(data_dir, tmp_pa
 
 def test_progressive_randconv_is_per_image_seeded_and_keeps_shapes():
     x = images(1).expand(6, -1, -1, -1).contiguous()
-    out = progressive_random_convolution(x, key=3, probability=0.999, max_layers=4)
+    out = progressive_random_convolution(x, 3, PRO4)
     assert out.shape == x.shape and out.dtype == x.dtype and 0 <= out.min() and out.max() <= 1
     assert not torch.allclose(out[0], out[1], atol=1e-3)
-    assert torch.equal(out, progressive_random_convolution(x, key=3, probability=0.999, max_layers=4))
-    assert not torch.equal(out, progressive_random_convolution(x, key=4, probability=0.999, max_layers=4))
-    half = progressive_random_convolution(images(64), key=1, probability=0.5, max_layers=2)
+    assert torch.equal(out, progressive_random_convolution(x, 3, PRO4))
+    assert not torch.equal(out, progressive_random_convolution(x, 4, PRO4))
+    half = progressive_random_convolution(images(64), 1, Config(prorandconv=0.5, prorandconv_layers=2))
     assert 10 < sum(torch.equal(a, b) for a, b in zip(half, images(64))) < 54  # some images stay clean
 
 
-def test_deformable_convolution_matches_torchvision_deform_conv2d(monkeypatch):
-    monkeypatch.setattr(common.augment, "PRO_PADDING", "zeros")  # deform_conv2d pads with zeros
+def test_deformable_convolution_matches_torchvision_deform_conv2d():
     g = torch.Generator().manual_seed(0)
     x, offsets, weights = (torch.randn(*shape, generator=g) for shape in ((3, 3, 9, 7), (3, 18, 9, 7), (3, 3, 3, 3, 3)))
-    ours = deformable_convolution(x, deformable_taps(offsets * 0.7, 9, 7), weights)
+    ours = deformable_convolution(x, deformable_taps(offsets * 0.7, 9, 7), weights, padding="zeros")
     theirs = torch.cat([deform_conv2d(x[i:i + 1], offsets[i:i + 1] * 0.7, weights[i], padding=1) for i in range(3)])
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 

@@ -1,0 +1,172 @@
+"""The cross-domain recipe's components, each against what it claims: Pro-RandConv as published (per batch,
+random-field offsets, a reference built from torchvision's deform_conv2d), RandConv's per-batch identity,
+matched outputs, the stabilizers, the clean-anchored JSD, and a DG recipe that trains on every seed."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import deform_conv2d
+
+from common import Config
+from common.augment import augment, draw, match, progressive_random_convolution, random_convolution, smooth_field, stream
+from common.experiment import Run, load_data, new_model
+from common.train import (Progress, clean_view, fit, jensen_shannon, loss_function, make_optimizer, make_schedule,
+                          ramped, train_epoch, training_loss)
+from common.models import resnet18
+
+
+def images(n, seed=0):
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_pro_randconv(x, key, cfg):
+    """Pro-RandConv from its definition, one image at a time: L applications of the same block, each a
+    torchvision deform_conv2d (zeros padding) + instance norm + per-channel affine + tanh, mapped to [0, 1].
+    The block's parameters are drawn from the same named streams as the batched implementation."""
+    b, c, h, w = x.shape
+    drawn = (draw(key, "prorandconv", 4, b, x.device) + 1) / 2
+    weights = torch.randn(b, c, c, 3, 3, generator=stream(key, "prorandconv_weights", x.device))
+    offsets = torch.randn(b, 18, h, w, generator=stream(key, "prorandconv_offsets", x.device))
+    gain, shift = (torch.randn(2, b, c, 1, 1, generator=stream(key, "prorandconv_affine", x.device))
+                   * cfg.prorandconv_affine).unbind(0)
+    taps = torch.arange(3.0) - 1
+    out = []
+    for i in range(b):
+        layers = int((drawn[i, 1] * cfg.prorandconv_layers).floor().clamp(max=cfg.prorandconv_layers - 1)) + 1
+        window = torch.exp(-(taps.view(3, 1) ** 2 + taps.view(1, 3) ** 2) / (2 * drawn[i, 2].clamp(min=1e-2) ** 2))
+        kernel = weights[i] * window / (c * 9) ** 0.5
+        # deform_conv2d takes (dy, dx) pairs per tap, as deformable_taps does
+        offset = offsets[i:i + 1] * drawn[i, 3] * cfg.prorandconv_offset
+        y = x[i:i + 1]
+        for _ in range(layers):
+            y = deform_conv2d(y, offset, kernel, padding=1)
+            y = torch.tanh(F.instance_norm(y) * gain[i] + shift[i])
+        out.append((y + 1) / 2)
+    return torch.cat(out)
+
+
+def test_pro_randconv_equals_l_applications_of_one_deform_conv2d_block():
+    cfg = Config(prorandconv=0.99999, prorandconv_layers=4, prorandconv_padding="zeros")
+    x = images(6)
+    torch.testing.assert_close(progressive_random_convolution(x, 11, cfg), reference_pro_randconv(x, 11, cfg),
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_per_batch_mode_applies_one_block_to_the_whole_batch():
+    x = images(1).expand(8, -1, -1, -1).contiguous()  # eight copies of one image
+    per_batch = progressive_random_convolution(x, 3, Config(prorandconv=0.99999, prorandconv_per="batch"))
+    per_image = progressive_random_convolution(x, 3, Config(prorandconv=0.99999))
+    assert all(torch.allclose(per_batch[0], y, atol=1e-6) for y in per_batch)  # one virtual domain
+    assert not torch.allclose(per_image[0], per_image[1], atol=1e-3)
+    assert not torch.allclose(per_batch[0], x[0], atol=1e-2)
+
+
+def test_randconv_per_batch_is_one_kernel_or_the_identity_for_the_whole_batch():
+    x = images(1).expand(8, -1, -1, -1).contiguous()
+    outcomes = []
+    for key in range(20):
+        out = random_convolution(x, key, Config(randconv=0.5, randconv_per="batch"))
+        assert all(torch.allclose(out[0], y, atol=1e-6) for y in out)
+        outcomes.append(torch.equal(out, x))
+    assert 3 < sum(outcomes) < 17  # the whole batch stays clean about half the time
+
+
+def test_random_field_offsets_are_smooth_and_white_ones_are_not():
+    noise = torch.randn(4, 18, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def neighbour_correlation(field):
+        a, b = field[..., :, :-1].flatten(), field[..., :, 1:].flatten()
+        return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+    field = smooth_field(noise, 4.0)
+    assert neighbour_correlation(field) > 0.9 and abs(neighbour_correlation(noise)) < 0.05
+    assert torch.allclose(field.std((2, 3)), torch.ones(4, 18), atol=1e-4)  # same scale as the white offsets
+    a = progressive_random_convolution(images(4), 5, Config(prorandconv=0.99999, prorandconv_offsets="field"))
+    b = progressive_random_convolution(images(4), 5, Config(prorandconv=0.99999))
+    assert a.shape == b.shape and not torch.allclose(a, b)
+
+
+def test_matched_outputs_take_each_clean_images_mean_and_std():
+    x = images(6)
+    out = torch.rand(6, 3, 32, 32) * 0.1 + 0.8
+    matched = match(out, x, "matched")
+    torch.testing.assert_close(matched.mean((2, 3)), x.mean((2, 3)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(matched.std((2, 3)), x.std((2, 3)), atol=1e-5, rtol=1e-4)
+    assert torch.equal(match(out, x, "unit"), out)
+    through = augment((x * 255).to(torch.uint8), Config(prorandconv=0.99999, dg_output="matched"), 2)
+    clean = augment((x * 255).to(torch.uint8), Config(), 2)
+    torch.testing.assert_close(through.mean((2, 3)), clean.mean((2, 3)), atol=1e-4, rtol=1e-4)
+
+
+def test_dg_ramp_scales_only_the_cross_domain_augmentations_over_its_span():
+    cfg = Config(rotate=15, invert=0.5, prorandconv=0.8, dg_ramp=0.4)
+    assert ramped(cfg, 0.0).prorandconv == 0.0 and ramped(cfg, 0.0).rotate == 15
+    half = ramped(cfg, 0.2)
+    assert (half.invert, half.prorandconv) == pytest.approx((0.25, 0.4))
+    assert ramped(cfg, 0.4) is cfg and ramped(dataclasses.replace(cfg, dg_ramp=0.0), 0.0) is not None
+    assert ramped(dataclasses.replace(cfg, dg_ramp=0.0), 0.0).prorandconv == 0.8
+
+
+def test_norm_and_bias_parameters_are_not_decayed_when_asked():
+    model = resnet18(width=8)
+    groups = make_optimizer(Config(decay_norm_bias=False), model).param_groups
+    decayed, not_decayed = groups
+    assert decayed["weight_decay"] == 5e-4 and not_decayed["weight_decay"] == 0.0
+    bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    assert bn <= {id(p) for p in not_decayed["params"]} and not bn & {id(p) for p in decayed["params"]}
+    assert all(p.ndim == 4 or p.ndim == 2 for p in decayed["params"])
+    assert len(make_optimizer(Config(), model).param_groups) == 1
+
+
+def test_gradient_clipping_bounds_the_first_step():
+    torch.manual_seed(0)
+    x = (images(32) * 255).to(torch.uint8)
+    y = torch.arange(32) % 10
+    for clip, bound in ((1e-3, True), (0.0, False)):
+        model = resnet18(width=8)
+        cfg = Config(clip_grad=clip, weight_decay=0.0, epochs=1, batch_size=32, amp="off")
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        optimizer = make_optimizer(cfg, model)
+        schedule = make_schedule(cfg, optimizer, 1)
+        train_epoch(model, optimizer, schedule, torch.amp.GradScaler("cpu", enabled=False), cfg, (x, y), 0, "fp32")
+        moved = (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm().item()
+        lr = cfg.lr / 25  # the one-cycle schedule's first step
+        # Nesterov's first step moves by lr * (1 + momentum) * the gradient
+        assert (moved <= lr * 1.9 * clip * 1.01) == bound, (clip, moved)
+
+
+def test_clean_anchored_consistency_is_cross_entropy_on_the_clean_view_plus_jsd_over_all():
+    torch.manual_seed(0)
+    model = resnet18(width=8).eval()
+    x = (images(6) * 255).to(torch.uint8)
+    y = torch.arange(6)
+    cfg = Config(rotate=10, prorandconv=0.9, prorandconv_layers=2, consistency=2.0, views=3, consistency_clean=True)
+    loss, first = training_loss(model, x, y, cfg, 4, loss_function(cfg), "fp32")
+    clean = augment(x, clean_view(cfg), 4)
+    views = [clean] + [augment(x, cfg, 4, view) for view in (1, 2)]
+    logits = torch.stack([model(v) for v in views])
+    expected = loss_function(cfg)(logits[0], y) + 2.0 * jensen_shannon(logits)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(first, logits[0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(clean, augment(x, Config(rotate=10), 4))  # the clean view keeps the geometry
+
+
+REVERSE = Config(dataset="mnist", width=8, epochs=8, batch_size=32, train_subset=400, eval_subset=100, amp="off",
+                 label_smoothing=0.1, rotate=15, shear=10, translate=0.1, crop_scale=0.25, perspective=0.15, jitter=0.3,
+                 prorandconv=0.5, prorandconv_per="batch", prorandconv_offsets="field", clip_grad=1.0, dg_ramp=0.2,
+                 lr=0.05)
+
+
+@pytest.mark.slow  # 3 x 8 epochs: ~35 s on 2 cores
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_dg_recipe_trains_above_the_majority_class_on_every_seed(data_dir, seed):
+    cfg = dataclasses.replace(REVERSE, data_dir=str(data_dir), seed=seed)
+    torch.manual_seed(seed)
+    run = Run(cfg, None, None, torch.device("cpu"), "fp32")
+    data = load_data(run)
+    model = new_model(run, data)
+    optimizer = make_optimizer(cfg, model)
+    progress = fit(model, optimizer, make_schedule(cfg, optimizer, len(data.train[1]) // cfg.batch_size), cfg,
+                   data.train, data.val, "fp32", Progress())
+    majority = torch.bincount(data.val[1]).max().item() / len(data.val[1])
+    assert progress.best_val_acc > majority + 0.25, (seed, progress.best_val_acc, majority)
