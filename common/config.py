@@ -92,6 +92,7 @@ class Config:
     quick: bool = False             # smoke profile: 256 images, 1 epoch, under <results-dir>/quick/
     resume: bool = False            # continue the interrupted run of this config from its checkpoint
     restart: bool = False           # discard an interrupted run's saved epochs and start over (never done unasked)
+    evaluate: str = ""              # a model.pt: test it on every present domain (and --tta), no training; writes <its folder>.evaluation.json
     overrides: str = ""             # not a flag: cli() records the fields given on the command line, comma-separated
 
     def __post_init__(self):
@@ -169,6 +170,30 @@ def check_combinations(cfg):
         raise UserError(f"--tta {cfg.tta} adapts BatchNorm layers: it needs --norm batch")
     if cfg.resume and cfg.restart:
         raise UserError("--resume continues the saved run and --restart discards it: pass one of them")
+    for key in sorted(cfg.passed & set(NEEDS)):
+        holds, wanted = NEEDS[key]
+        if not holds(cfg):
+            raise UserError(f"{flag(key)} has no effect without {wanted}: drop it, or add that")
+
+
+PRORANDCONV = lambda cfg: cfg.prorandconv > 0  # noqa: E731 (a table of predicates reads best as lambdas)
+IMAGENET = lambda cfg: cfg.arch == "imagenet_resnet18"  # noqa: E731
+# A flag passed on the command line that would change nothing is refused, not ignored: field -> (holds, what it needs).
+NEEDS = dict(
+    views=(lambda cfg: cfg.consistency > 0, "--consistency > 0"),
+    consistency_clean=(lambda cfg: cfg.consistency > 0, "--consistency > 0"),
+    weights=(IMAGENET, "--arch imagenet_resnet18"), transfer_input=(IMAGENET, "--arch imagenet_resnet18"),
+    pretrained=(IMAGENET, "--arch imagenet_resnet18"),
+    prorandconv_layers=(PRORANDCONV, "--prorandconv > 0"), prorandconv_per=(PRORANDCONV, "--prorandconv > 0"),
+    prorandconv_offsets=(PRORANDCONV, "--prorandconv > 0"), prorandconv_offset=(PRORANDCONV, "--prorandconv > 0"),
+    prorandconv_affine=(PRORANDCONV, "--prorandconv > 0"), prorandconv_padding=(PRORANDCONV, "--prorandconv > 0"),
+    prorandconv_field=(lambda cfg: cfg.prorandconv > 0 and cfg.prorandconv_offsets == "field",
+                       "--prorandconv > 0 --prorandconv-offsets field"),
+    randconv_per=(lambda cfg: cfg.randconv > 0, "--randconv > 0"),
+    dg_output=(lambda cfg: cfg.randconv > 0 or cfg.prorandconv > 0, "--randconv or --prorandconv > 0"),
+    dg_ramp=(lambda cfg: any(getattr(cfg, k) > 0 for k in DG_FIELDS), "--invert, --randconv or --prorandconv > 0"),
+    tent_lr=(lambda cfg: "tent" in cfg.tta, "--tta tent"), tent_batch=(lambda cfg: "tent" in cfg.tta, "--tta tent"),
+)
 
 
 ALIASES = {"train_subset": ["--subset-size"]}

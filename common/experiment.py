@@ -31,7 +31,7 @@ from .errors import UserError
 from .models import build_model, imagenet_weights_file, set_input_stats
 from .plumbing import read_torch, run_lock, save_torch, staging_dir, swap_in, write_json
 from .results import (environment, load_checkpoint, plot_augmented, plot_confusion, plot_curves, restore_checkpoint,
-                      run_dir, save_checkpoint, saved_epochs)
+                      run_dir, save_checkpoint, saved_epochs, write_history)
 from .train import (Diverged, Progress, configure_backends, evaluate, fit, grad_scaler, make_optimizer, make_schedule,
                     pick_device, pick_precision, steps_per_epoch)
 from .tta import adapted_accuracy
@@ -85,11 +85,13 @@ class Run:
 
 
 def resolve(cfg):
-    """Apply the --quick smoke profile: a few hundred images, one epoch, results under quick/."""
+    """Apply the --quick smoke profile: a few hundred images, one epoch, results under quick/. A size or epoch
+    count passed on the command line is kept, not overridden."""
     if not cfg.quick:
         return cfg
-    return dataclasses.replace(cfg, epochs=1, train_subset=min(cfg.train_subset or QUICK_IMAGES, QUICK_IMAGES),
-                               eval_subset=min(cfg.eval_subset or QUICK_IMAGES, QUICK_IMAGES))
+    profile = dict(epochs=1, train_subset=min(cfg.train_subset or QUICK_IMAGES, QUICK_IMAGES),
+                   eval_subset=min(cfg.eval_subset or QUICK_IMAGES, QUICK_IMAGES))
+    return dataclasses.replace(cfg, **{k: v for k, v in profile.items() if k not in cfg.passed})
 
 
 def prepare_staging(out, cfg):
@@ -137,7 +139,7 @@ def start(cfg, **provenance):
         if cfg.arch == "imagenet_resnet18" and cfg.pretrained and not (checkpoint or provenance.get("init_from")):
             imagenet_weights_file(cfg.weights)  # fail before the data is loaded, not after
         run = Run(cfg, out, staging, device, precision, checkpoint)
-        run.provenance = dict(name=cfg.name, config=dataclasses.asdict(cfg), command=shlex.join(sys.argv),
+        run.provenance = dict(name=cfg.name, config=dataclasses.asdict(cfg), command="python " + shlex.join(sys.argv),
                               started=now(), **environment(device, precision),
                               grad_scaler=precision == "fp16", **backends, world_size=distributed.world_size(),
                               backend=distributed.backend(),
@@ -217,14 +219,9 @@ def dev_domains(source):
     return [d for d in datasets.DOMAINS if d not in (source, "svhn")]
 
 
-def load_data(run):
-    """The source's train/val split, the test split of every present domain and the dev sets. An optional
-    domain whose files are absent is skipped and named, once."""
-    cfg, device = run.cfg, run.device
-    x, y = datasets.load(cfg.dataset, "train", cfg.data_dir)
-    train_idx, val_idx = labelled_split(y, cfg)
-    if cfg.eval_subset:
-        val_idx = val_idx[datasets.stratified_subset(y[val_idx], min(cfg.eval_subset, len(val_idx)))]
+def load_domains(cfg, device):
+    """(tests, dev, skipped): the test split of every present domain, the dev sets of cfg.dataset, and the
+    optional domains whose files are absent, named with where they were looked for."""
     tests, dev, skipped = {}, {}, {}
     for domain in datasets.DOMAINS:
         test_split = datasets.load(domain, "test", cfg.data_dir)
@@ -235,15 +232,26 @@ def load_data(run):
         dev_split = datasets.load(domain, "train", cfg.data_dir) if domain in dev_domains(cfg.dataset) else None
         if dev_split is not None:
             dev[domain] = capped(dev_split, min(cfg.eval_subset or cfg.dev_images, cfg.dev_images), device)
-    data = Data((x[train_idx].to(device), y[train_idx].to(device)), (x[val_idx].to(device), y[val_idx].to(device)),
-                tests, dev, skipped)
-    if skipped and run.main:
+    if skipped and distributed.is_main():
         print("skipped domains (files absent): " + "; ".join(f"{datasets.TITLES[d]} ({w})" for d, w in skipped.items()))
-    run.provenance.update(labels_used=len(data.train[1]) + len(data.val[1]), skipped_domains=skipped,
-                          selection=dict(epoch=f"{cfg.dataset} validation split", recipe=sorted(dev)),
+    return tests, dev, skipped
+
+
+def load_data(run):
+    """The source's train/val split, the test split of every present domain and the dev sets. An optional
+    domain whose files are absent is skipped and named, once."""
+    cfg, device = run.cfg, run.device
+    x, y = datasets.load(cfg.dataset, "train", cfg.data_dir)
+    train_idx, val_idx = labelled_split(y, cfg)
+    if cfg.eval_subset:
+        val_idx = val_idx[datasets.stratified_subset(y[val_idx], min(cfg.eval_subset, len(val_idx)))]
+    data = Data((x[train_idx].to(device), y[train_idx].to(device)), (x[val_idx].to(device), y[val_idx].to(device)),
+                *load_domains(cfg, device))
+    run.provenance.update(labels_used=len(data.train[1]) + len(data.val[1]), skipped_domains=data.skipped,
+                          selection=dict(epoch=f"{cfg.dataset} validation split", recipe=sorted(data.dev)),
                           data=dict(train=len(data.train[1]), val=len(data.val[1]),
-                                    **{f"dev_{k}": len(v[1]) for k, v in dev.items()},
-                                    **{f"test_{k}": len(v[1]) for k, v in tests.items()}))
+                                    **{f"dev_{k}": len(v[1]) for k, v in data.dev.items()},
+                                    **{f"test_{k}": len(v[1]) for k, v in data.tests.items()}))
     return data
 
 
@@ -275,7 +283,11 @@ def network_of(cfg, source):
     if conflicts:
         raise UserError(f"{cfg.name} starts from {path}, whose network is fixed: drop {', '.join(conflicts)}, "
                         f"or retrain {path.parent.parent.name} with them")
-    return dataclasses.replace(cfg, **{k: built[k] for k in MODEL_FIELDS})
+    try:
+        return dataclasses.replace(cfg, **{k: built[k] for k in MODEL_FIELDS})
+    except UserError as e:  # the file's fault, not a flag the user passed
+        raise UserError(f"{path} holds a network this project cannot build ({e}); rerun "
+                        f"{path.parent.parent.name}.py") from None
 
 
 def new_model(run, data, source=None):
@@ -298,13 +310,33 @@ def new_model(run, data, source=None):
 
 # --- train, test, adapt, finish --------------------------------------------------------------------------
 
+def fingerprint(split):
+    """Cheap identity of a training split: its size, label sum and a pixel sum of a subsample."""
+    x, y = split
+    return f"{len(y)}:{int(y.sum())}:{int(x[:, :, ::4, ::4].sum())}"
+
+
+def check_context(saved, now, path):
+    """--resume continues the very run it saved: the same number of processes and the same training images."""
+    if saved.get("world_size", now["world_size"]) != now["world_size"]:
+        launcher = f"torchrun --nproc-per-node {saved['world_size']}" if saved["world_size"] > 1 else "python"
+        raise UserError(f"--resume: {path} was saved by {saved['world_size']} process(es), this is {now['world_size']}: "
+                        f"resume with {launcher}")
+    if saved.get("data", now["data"]) != now["data"]:
+        raise UserError(f"--resume: {path} trained on other images than --data-dir now holds (fingerprint "
+                        f"{saved['data']} vs {now['data']}); pass the same --data-dir, or --restart")
+
+
+
 def train(run, model, data):
     """fit() from scratch or from the checkpoint, a checkpoint and the live metrics.json after every epoch."""
     cfg = run.cfg
     optimizer = make_optimizer(cfg, model)
     schedule = make_schedule(cfg, optimizer, steps_per_epoch(len(data.train[1]), cfg.batch_size))
     scaler = grad_scaler(run.device, run.precision)
+    context = dict(world_size=distributed.world_size(), data=fingerprint(data.train))
     if run.checkpoint:
+        check_context(run.checkpoint.get("context", {}), context, run.staging / "checkpoint.pt")
         restore_checkpoint(run.checkpoint, run.staging / "checkpoint.pt", model, optimizer, schedule, scaler)
         try:
             run.progress = Progress(**run.checkpoint["progress"])
@@ -318,8 +350,9 @@ def train(run, model, data):
     def end_of_epoch(progress):
         progress.elapsed = run.elapsed()
         if run.main:
-            save_checkpoint(run.staging / "checkpoint.pt", cfg, model, optimizer, schedule, scaler, progress)
+            save_checkpoint(run.staging / "checkpoint.pt", cfg, model, optimizer, schedule, scaler, progress, context)
             run.write_status("running")
+            write_history(run.staging / "history.csv", progress.history)
     return fit(model, optimizer, schedule, cfg, data.train, data.val, run.precision, run.progress, end_of_epoch, scaler)
 
 
@@ -362,6 +395,7 @@ def finish(run, model, data, results):
             plot_confusion(results["confusion"][domain], f"{cfg.name}: {datasets.TITLES[domain]} test ({accuracy:.1f}%)",
                            staging / f"confusion_{domain}.png")
     plot_curves(run.progress, cfg.name, staging)
+    write_history(staging / "history.csv", run.progress.history)
     if cfg.augments:
         originals = data.train[0][:8]
         plot_augmented(originals / 255, [augment(originals, cfg, key) for key in range(4)], staging / "augmented.png")
@@ -398,12 +432,50 @@ def train_and_test(cfg, source=None, **provenance):
         return finish(run, model, data, results)
 
 
+def evaluate_saved(cfg):
+    """--evaluate PATH: test a saved model.pt on every present domain, with --tta if asked, without training.
+    The network and the evaluation profile (eval_subset) are the file's; writes <its folder>.evaluation.json,
+    never the run's own metrics.json."""
+    path = Path(cfg.evaluate)
+    if not path.exists():
+        raise UserError(f"--evaluate {path}: no such file")
+    saved = read_torch(path, "pass a model.pt this project wrote")
+    if not (isinstance(saved.get("model"), dict) and isinstance(saved.get("config"), dict)
+            and all(k in saved["config"] for k in MODEL_FIELDS + ("dataset", "eval_subset"))):
+        raise UserError(f"{path} is not a model.pt of this project (no model and config)")
+    try:
+        built = dataclasses.replace(cfg, **{k: saved["config"][k] for k in MODEL_FIELDS + ("dataset", "eval_subset")},
+                                    evaluate="", overrides="")
+    except UserError as e:
+        raise UserError(f"{path} holds a network this project cannot build ({e})") from None
+    device = pick_device(cfg.device)
+    run = Run(built, out=None, staging=None, device=device, precision=pick_precision(cfg.amp, device))
+    model = build_model(built, [0.0] * 3, [1.0] * 3, pretrained=False)  # the Normalize buffers come with the weights
+    try:
+        model.load_state_dict(saved["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} does not fit the network its config describes ({str(e).splitlines()[0][:160]})") from None
+    model.to(device, memory_format=torch.channels_last)
+    run.progress.best_weights = saved["model"]
+    data = Data(None, None, *load_domains(built, device))
+    results = test(run, model, data)
+    results["test_tta"] = adapt(run, model, data) if cfg.tta != "none" else {}
+    out = path.parent.with_name(path.parent.name + ".evaluation.json")
+    write_json(out, dict(model=str(path), config=dataclasses.asdict(built), command="python " + shlex.join(sys.argv),
+                         **environment(device, run.precision), skipped_domains=data.skipped, finished=now(), **results))
+    for domain, accuracy in results["test"].items():
+        adapted = "".join(f" | after --tta {m} {100 * r[domain]:.2f}%" for m, r in results["test_tta"].items() if domain in r)
+        print(f"{datasets.TITLES[domain]:8} test {100 * accuracy:.2f}%{adapted}")
+    print(f"wrote {out}")
+    return results
+
+
 def launch(main, cfg):
-    """Run a script's procedure as a process: exit codes and one-line errors (plumbing.process), the process
-    group shut down at the end under torchrun."""
+    """Run a script's procedure as a process (or, with --evaluate, test a saved model instead): exit codes and
+    one-line errors (plumbing.process), the process group shut down at the end under torchrun."""
     with plumbing.process(main_rank=distributed.is_main()):
         try:
-            main(cfg)
+            evaluate_saved(cfg) if cfg.evaluate else main(cfg)
         finally:
             distributed.shutdown()
 

@@ -132,8 +132,10 @@ def imagenet_weights_file(weights):
     """The ImageNet state dict: --weights PATH, else torchvision's cache, downloading it when online."""
     api = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     if weights:
-        if not Path(weights).is_file():
+        if not Path(weights).exists():
             raise UserError(f"--weights {weights}: no such file")
+        if not Path(weights).is_file():  # a FIFO or /dev/zero would block or never end
+            raise UserError(f"--weights {weights} is not a regular file")
         return Path(weights)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(api.url).name
     if not cached.exists():

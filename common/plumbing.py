@@ -14,6 +14,7 @@ What it guarantees, each tested (README "Guarantees"):
 """
 import contextlib
 import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -66,11 +67,25 @@ def write_json(path, obj):
 
 
 def save_torch(path, obj):
-    atomic(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save, atomically. torch reports a failed write (a full disk) as a RuntimeError: raised here as the
+    OSError it is, so that it is one line like every other file-system fault."""
+    def write(tmp):
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            raise OSError(errno.EIO, f"writing failed ({str(e).splitlines()[0][:120]})", str(path)) from None
+    atomic(path, write)
+
+
+def regular_file(path, what=""):
+    """A FIFO or a device where a file should be would block a read or never end: refused, with its name."""
+    if Path(path).exists() and not Path(path).is_file():
+        raise UserError(f"{what}{path} is not a regular file")
 
 
 def read_torch(path, remedy):
     """torch.load(weights_only=True) of one of our files as a dict, or a UserError naming it and the remedy."""
+    regular_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:

@@ -12,7 +12,9 @@ import numpy as np
 from .config import Parser
 from .data import DOMAINS, TITLES
 from .plumbing import write_text
-from .results import PROFILE_FIELDS, finished_files, read_metrics
+from matplotlib.figure import Figure
+
+from .results import PROFILE_FIELDS, finished_files, read_metrics, save_figure
 
 # The writeup's test accuracies (%) in ../shared/seeds/: (SVHN, MNIST); None where it gives none.
 WRITEUP = {
@@ -28,9 +30,10 @@ WRITEUP = {
 # Published cross-domain numbers (%), each with its protocol, shown beside ours. Not comparable one to one: the
 # papers train small ConvNets and test on the full test sets; our rows say what they trained and tested on.
 PUBLISHED = {
-    "MNIST -> SVHN": "single-source DG, the first 10,000 MNIST training images at 32x32, full SVHN test (26,032), "
+    "MNIST -> SVHN": "single-source DG, the first 10,000 MNIST training images at 32x32, full test sets (SVHN 26,032), "
                      "small ConvNets: ERM 27.8, M-ADA 42.6, RandConv 57.6 (Xu et al. 2021), PDEN 62.2, AugMix+JSD 63.9, "
-                     "SADA 68.5, Pro-RandConv 69.7 (Choi et al. 2023), AdvFrequency 73.6 (2024); the writeup's 07: 27.95",
+                     "SADA 68.5, AdvFrequency 73.6 (2024); Pro-RandConv (Choi et al. 2023; LeNet, 500 epochs, as quoted "
+                     "by a reproduction): SVHN 69.7, MNIST-M 82.3, USPS 93.7; the writeup's 07: SVHN 27.95",
     "SVHN -> MNIST": "trained on all of SVHN train (73,257), full MNIST test: source-only 54.9-74.1 in the literature; "
                      "with Tent on the unlabelled MNIST test set 87.5 (online) and 91.8 (offline) (Wang et al. 2021); "
                      "the writeup's 01-06: 62.89-75.99",
@@ -111,6 +114,28 @@ def cross_domain(full):
     return lines
 
 
+def selection(full):
+    """What recipes are chosen on, without a test number: training health, the source validation split and the
+    dev sets (other domains' training files), per run. The component table of a study."""
+    dev = [d for d in DOMAINS if any(d in accuracies(m.get("dev")) for runs in full.values() for m in runs)]
+    if not dev:
+        return []
+    lines = ["", "## Selection: what recipes are chosen on (no test set)", "",
+             table_header(["experiment", "seed", "epochs", "train acc after epoch 1", "source val", *(f"dev {TITLES[d]}" for d in dev),
+                           "dev mean", "wall time", "device"])]
+    for name, runs in full.items():
+        for m in runs:
+            scores = accuracies(m.get("dev"))
+            history = m.get("history") if isinstance(m.get("history"), list) else []
+            first = history[0].get("train_acc") if history and isinstance(history[0], dict) else None
+            cells = [f"{100 * first:.1f}" if number(first) else "—", f"{100 * m['best_val_acc']:.2f}"]
+            cells += [f"{100 * scores[d]:.2f}" if d in scores else "—" for d in dev]
+            cells.append(f"{100 * sum(scores.values()) / len(scores):.2f}" if scores else "—")
+            lines.append(f"| {name} | {m['config']['seed']} | {m['config']['epochs']} | " + " | ".join(cells)
+                         + f" | {duration(m['wall_time_s'])} | {m['device_name']} ({m['precision']}) |")
+    return lines
+
+
 def adaptation(full):
     """--tta: each target domain after adaptation, beside its source-only number."""
     lines = ["", "## Test-time adaptation (a separate evaluation: every table above is source-only)", "",
@@ -170,7 +195,7 @@ def summary(results_dir):
         lines += ["", "## Smoke runs (--quick: 256 images, 1 epoch; they test the code, not the method)", "", HEADER]
         lines += [row(name, runs, "quick/") for name, runs in quick.items()]
     if full:
-        lines += cross_domain(full) + adaptation(full)
+        lines += selection(full) + cross_domain(full) + adaptation(full)
         directions = {f"{runs[0]['config']['dataset'].upper()} -> {'MNIST' if runs[0]['config']['dataset'] == 'svhn' else 'SVHN'}"
                       for runs in full.values()}
         lines += ["", "Published, with their protocols:"] + [f"- {d}: {PUBLISHED[d]}" for d in PUBLISHED if d in directions]
@@ -181,6 +206,50 @@ def summary(results_dir):
     if skipped + skipped_quick:
         lines += ["", "Skipped files:"] + [f"- {s}" for s in skipped + skipped_quick]
     return "\n".join(lines) + "\n"
+
+
+COLOURS = dict(svhn="tab:blue", mnist="tab:orange", mnistm="tab:green", usps="tab:red")
+
+
+def plot_summary(full, path):
+    """summary.png: every experiment's test accuracy on each domain, a dot per seed, the writeup's numbers as
+    black crosses; below, each target domain source-only (filled) beside after test-time adaptation (hollow)."""
+    names = list(full)
+    fig = Figure(figsize=(max(7.0, 1.1 * len(names) + 2), 8.5))
+    top, bottom = fig.subplots(2, 1)
+    offsets = dict(zip(DOMAINS, (-0.24, -0.08, 0.08, 0.24)))
+    for i, name in enumerate(names):
+        for m in full[name]:
+            for domain, value in accuracies(m["test"]).items():
+                top.plot(i + offsets[domain], 100 * value, "o", color=COLOURS[domain], alpha=0.8, ms=5)
+        for domain, value in zip(("svhn", "mnist"), WRITEUP.get(name.split(" (")[0], (None, None))):
+            if value is not None:
+                top.plot(i + offsets[domain], value, "x", color="black", ms=8, mew=2)
+        for m in full[name]:
+            by_method = m.get("test_tta") if isinstance(m.get("test_tta"), dict) else {}
+            for domain, value in accuracies(m["test"]).items():
+                if domain == m["config"]["dataset"]:
+                    continue
+                bottom.plot(i + offsets[domain], 100 * value, "o", color=COLOURS[domain], ms=5)
+                for method, marker in (("bn", "s"), ("tent", "^")):
+                    adapted = accuracies(by_method.get(method)).get(domain)
+                    if adapted is not None:
+                        bottom.plot(i + offsets[domain], 100 * adapted, marker, mfc="none", color=COLOURS[domain], ms=7)
+    handles = [top.plot([], [], "o", color=c, label=TITLES[d])[0] for d, c in COLOURS.items()]
+    handles.append(top.plot([], [], "x", color="black", mew=2, label="writeup")[0])
+    top.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    top.set(ylabel="test accuracy (%)", title="test accuracy per experiment (a dot per seed)", ylim=(0, 100))
+    extra = [bottom.plot([], [], "o", color="grey", label="source-only")[0],
+             bottom.plot([], [], "s", mfc="none", color="grey", label="after --tta bn")[0],
+             bottom.plot([], [], "^", mfc="none", color="grey", label="after --tta tent")[0]]
+    bottom.legend(handles=extra, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    bottom.set(ylabel="test accuracy (%)", title="cross-domain: the domains each model never trained on", ylim=(0, 100))
+    for ax in (top, bottom):
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], rotation=30, ha="right", fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -194,9 +263,13 @@ def main(argv=None):
     out = Path(args.out or Path(args.results_dir) / "summary.md")
     try:
         write_text(out, text)
+        root = Path(args.results_dir)
+        runs = dict(sorted(collect(root)[0].items())) or dict(sorted(collect(root / "quick")[0].items()))  # smoke runs alone
+        if runs:
+            plot_summary(runs, out.with_suffix(".png"))
     except OSError as e:
         sys.exit(f"error: cannot write {out} ({e.strerror or type(e).__name__})")
-    print(text + f"\nwrote {out}")
+    print(text + f"\nwrote {out}" + (f" and {out.with_suffix('.png')}" if runs else ""))
 
 
 if __name__ == "__main__":

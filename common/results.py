@@ -14,16 +14,19 @@ import torchvision
 from matplotlib.figure import Figure  # the Figure API draws without pyplot: no backend chosen, none changed
 
 from .errors import UserError
-from .plumbing import atomic, read_torch, save_torch, write_json
+from .plumbing import atomic, read_torch, save_torch, write_json, write_text
 
 # Fields that may change between an interrupted run and its --resume without changing the result.
 RESUMABLE_CHANGES = {"resume", "restart", "data_dir", "results_dir", "overrides", "tta"}
 
 
 def run_dir(cfg):
-    """<results-dir>[/quick]/<name>/seed-<seed>: smoke runs never overwrite real ones."""
+    """<results-dir>[/quick]/<name>/seed-<seed>: smoke runs never overwrite real ones. A seed folder that is a
+    symlink (results kept on another disk) stands for its target: the run is staged and swapped in there, and
+    the link is kept."""
     root = Path(cfg.results_dir) / "quick" if cfg.quick else Path(cfg.results_dir)
-    return root / cfg.name / f"seed-{cfg.seed}"
+    out = root / cfg.name / f"seed-{cfg.seed}"
+    return out.resolve() if out.is_symlink() else out
 
 
 def git_commit():
@@ -49,6 +52,15 @@ def environment(device, precision):
                 numpy=np.__version__, git_commit=git_commit())
 
 
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+
+
+def write_history(path, history):
+    """history.csv beside metrics.json: one row per epoch, for spreadsheets and pandas."""
+    rows = [",".join(HISTORY_COLUMNS)] + [",".join(repr(h.get(k, "")) for k in HISTORY_COLUMNS) for h in history]
+    write_text(path, "\n".join(rows) + "\n")
+
+
 # --- checkpoints -----------------------------------------------------------------------------------------
 
 def rng_states():
@@ -69,10 +81,11 @@ def set_rng_states(states):
 CHECKPOINT_KEYS = ("config", "model", "optimizer", "schedule", "scaler", "progress", "rng")
 
 
-def save_checkpoint(path, cfg, model, optimizer, schedule, scaler, progress):
+def save_checkpoint(path, cfg, model, optimizer, schedule, scaler, progress, context):
+    """`context`: what a resumed run must match beyond the config (world size, a fingerprint of the data)."""
     save_torch(path, dict(config=dataclasses.asdict(cfg), model=model.state_dict(), optimizer=optimizer.state_dict(),
                           schedule=schedule.state_dict(), scaler=scaler.state_dict(), progress=dict(vars(progress)),
-                          rng=rng_states()))
+                          rng=rng_states(), context=context))
 
 
 def restore_checkpoint(ckpt, path, model, optimizer, schedule, scaler):

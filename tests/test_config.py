@@ -58,7 +58,9 @@ def test_flag_types_come_from_the_annotations():
                                   ["--prorandconv-per", "pixel"], ["--prorandconv-offsets", "pink"],
                                   ["--clip-grad", "-1"], ["--dg-ramp", "1"], ["--prorandconv-field", "0"],
                                   ["--tent-batch", "0"], ["--dg-output", "clamped"], ["--consistency-clean"],
-                                  ["--prorandconv-offset", "10"], ["--randconv-per", "all"], ["--dev-images", "0"]])
+                                  ["--prorandconv-offset", "10"], ["--randconv-per", "all"], ["--dev-images", "0"],
+                                  ["--views", "3"], ["--weights", "w.pth"], ["--tent-lr", "0.1"],
+                                  ["--prorandconv-per", "batch"], ["--dg-ramp", "0.2"]])
 def test_out_of_range_and_non_finite_flags_are_two_lines(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli(BASE, argv)

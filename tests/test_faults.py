@@ -88,7 +88,7 @@ def test_saved_epochs_are_never_discarded_unasked(data_dir, tmp_path):
     staging.mkdir(parents=True)
     save_checkpoint(staging / "checkpoint.pt", cfg, model, optimizer,
                     torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), torch.amp.GradScaler("cpu"),
-                    Progress(epoch=1))
+                    Progress(epoch=1), {})
     saved = (staging / "checkpoint.pt").read_bytes()
     assert "--resume to continue it, or --restart" in one_line_exit(cfg)
     assert (staging / "checkpoint.pt").read_bytes() == saved
@@ -170,3 +170,67 @@ def test_a_finite_validation_spike_is_not_divergence(data_dir, tmp_path, monkeyp
     with pytest.raises(SystemExit) as exit_:
         run(small(data_dir, tmp_path, epochs=2, restart=True))
     assert exit_.value.code == 3
+
+
+def test_quick_keeps_the_sizes_and_epochs_passed_on_the_command_line():
+    from common import cli
+    from common.experiment import resolve
+    assert (resolve(cli(Config(), ["--quick"])).epochs, resolve(cli(Config(), ["--quick"])).train_subset) == (1, 256)
+    explicit = resolve(cli(Config(), ["--quick", "--epochs", "3", "--train-subset", "100"]))
+    assert (explicit.epochs, explicit.train_subset, explicit.eval_subset) == (3, 100, 256)
+
+
+def test_a_symlinked_seed_folder_is_written_through_and_kept(data_dir, tmp_path):
+    elsewhere = tmp_path / "other_disk" / "seed-0"
+    elsewhere.mkdir(parents=True)
+    link = tmp_path / "results" / "01_base" / "seed-0"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(elsewhere, target_is_directory=True)
+    for lr in (0.1, 0.05):  # twice: the second replaces the first's set, through the link
+        run(small(data_dir, tmp_path / "results", lr=lr))
+        assert link.is_symlink() and json.loads((elsewhere / "metrics.json").read_text())["config"]["lr"] == lr
+
+
+def test_resume_refuses_another_process_count_or_other_images(data_dir, tmp_path):
+    from common.results import save_checkpoint
+    from common.train import Progress
+    cfg = small(data_dir, tmp_path, epochs=2, resume=True)
+    staging = tmp_path / "01_base/seed-0.partial"
+    staging.mkdir(parents=True)
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for context, message in ((dict(world_size=2, data="?"), "saved by 2 process(es), this is 1: resume with torchrun"),
+                             (dict(world_size=1, data="57:1:2"), "trained on other images than --data-dir now holds")):
+        save_checkpoint(staging / "checkpoint.pt", dataclasses.replace(cfg, resume=False), model, optimizer,
+                        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), torch.amp.GradScaler("cpu"),
+                        Progress(epoch=1), context)
+        assert message in one_line_exit(cfg)
+
+
+def test_a_full_disk_during_torch_save_is_one_line_and_recorded(data_dir, tmp_path, monkeypatch):
+    def full(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0")
+    monkeypatch.setattr(torch, "save", full)
+    message = one_line_exit(small(data_dir, tmp_path, epochs=2))
+    assert "writing failed" in message and "checkpoint.pt" in message
+    assert json.loads((tmp_path / "01_base/seed-0.partial/metrics.json").read_text())["status"] == "failed"
+
+
+def test_fifo_or_garbled_model_files_are_refused_in_one_line(data_dir, tmp_path):
+    import os
+    from common.experiment import load_run_model, network_of
+    cfg = small(data_dir, tmp_path)
+    source = tmp_path / "07_reverse_mnist/seed-0/model.pt"
+    source.parent.mkdir(parents=True)
+    os.mkfifo(source)
+    with pytest.raises(UserError, match="model.pt is not a regular file"):
+        load_run_model("07_reverse_mnist", cfg)
+    source.unlink()
+    torch.save(dict(model={}, config=dict(arch="resnet18", norm="batch", input_norm="dataset", width=0,
+                                          transfer_input="upsample64")), source)
+    with pytest.raises(UserError, match=r"model.pt holds a network this project cannot build \(--width must be > 0"):
+        network_of(cfg, load_run_model("07_reverse_mnist", cfg))
+    os.mkfifo(tmp_path / "weights.pth")
+    with pytest.raises(UserError, match="weights.pth is not a regular file"):
+        from common.models import imagenet_weights_file
+        imagenet_weights_file(str(tmp_path / "weights.pth"))

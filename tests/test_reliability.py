@@ -147,6 +147,6 @@ def test_resume_with_another_config_names_the_fields(finished_run, capsys):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=2)
     save_checkpoint(out.with_name("seed-0.partial") / "checkpoint.pt", cfg, model, optimizer, schedule,
-                    torch.amp.GradScaler("cpu", enabled=False), Progress())
+                    torch.amp.GradScaler("cpu", enabled=False), Progress(), {})
     message = exits_with_error(dataclasses.replace(cfg, resume=True, lr=0.5, epochs=3), capsys)
     assert "--epochs 1 (now 3)" in message and "--lr 0.1 (now 0.5)" in message

@@ -1,0 +1,58 @@
+"""A saved model evaluated alone, and the per-run files a spreadsheet reads."""
+import csv
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from common import Config, launch, run
+from common.experiment import evaluate_saved
+
+SMALL = Config(name="07_reverse_mnist", dataset="mnist", width=8, epochs=2, train_subset=128, eval_subset=64)
+
+
+@pytest.fixture(scope="module")
+def finished(all_domains_dir, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    cfg = dataclasses.replace(SMALL, data_dir=str(all_domains_dir), results_dir=str(results))
+    run(cfg)
+    return cfg, results / "07_reverse_mnist" / "seed-0"
+
+
+def test_evaluate_reproduces_the_runs_test_accuracies_on_every_domain(finished, capsys):
+    cfg, out = finished
+    before = (out / "metrics.json").read_bytes()
+    metrics = json.loads(before)
+    results = evaluate_saved(dataclasses.replace(Config(), data_dir=cfg.data_dir, evaluate=str(out / "model.pt"),
+                                                 tta="bn"))
+    assert results["test"] == metrics["test"] and set(results["test"]) == {"svhn", "mnist", "mnistm", "usps"}
+    assert set(results["test_tta"]["bn"]) == {"svhn", "mnistm", "usps"}
+    printed = capsys.readouterr().out
+    assert f"MNIST-M  test {100 * metrics['test']['mnistm']:.2f}% | after --tta bn" in printed
+    written = json.loads(out.with_name("seed-0.evaluation.json").read_text())
+    assert written["test"] == metrics["test"] and written["model"] == str(out / "model.pt")
+    assert (out / "metrics.json").read_bytes() == before  # the run's own record is never touched
+
+
+def test_evaluate_refuses_a_foreign_or_mismatched_file_in_one_line(finished, tmp_path):
+    cfg, out = finished
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    mismatched = tmp_path / "mismatched.pt"
+    saved = torch.load(out / "model.pt", weights_only=True)
+    torch.save(dict(saved, config=dict(saved["config"], width=16)), mismatched)
+    for path, message in ((foreign, "not a model.pt of this project"), (mismatched, "does not fit the network"),
+                          (tmp_path / "missing.pt", "no such file")):
+        with pytest.raises(SystemExit) as exit_:
+            launch(None, dataclasses.replace(Config(), data_dir=cfg.data_dir, evaluate=str(path)))
+        assert message in str(exit_.value.code) and "\n" not in str(exit_.value.code)
+
+
+def test_history_csv_has_one_row_per_epoch_matching_metrics(finished):
+    _, out = finished
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [float(r["val_acc"]) for r in rows] == [h["val_acc"] for h in history]
+    assert [float(r["train_loss"]) for r in rows] == [h["train_loss"] for h in history]
