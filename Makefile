@@ -3,8 +3,10 @@
 #   make quick-study DATA=../shared/data      every script's --quick run, then the report   (minutes, CPU)
 #   make study SEEDS="0 1 2" DATA=data         every script on every seed, then the report    (a GPU box)
 #   make -j4 study ...                         independent runs side by side
+#   make study RUN="torchrun --nproc-per-node 4"   each run on 4 GPUs
 #   make report | make test-fast | make test
 PY    ?= python
+RUN   ?= $(PY)
 DATA  ?= data
 R     ?= results
 SEEDS ?= 0 1 2
@@ -17,7 +19,7 @@ WEIGHTS := $(wildcard $(or $(TORCH_HOME),$(HOME)/.cache/torch)/hub/checkpoints/r
 # $(call rule,EXPERIMENT,SEED,ROOT,FLAGS): the run behind ROOT/EXPERIMENT/seed-SEED/metrics.json
 define rule
 $(3)/$(1)/seed-$(2)/metrics.json: $(if $(filter 08_finetune_svhn,$(1)),$(3)/07_reverse_mnist/seed-$(2)/metrics.json)
-	$(PY) $(1).py --seed $(2) --data-dir $(DATA) --results-dir $(R) $(4) $(FLAGS) $$(if $$(wildcard $$(@D).partial/checkpoint.pt),--resume)
+	$(RUN) $(1).py --seed $(2) --data-dir $(DATA) --results-dir $(R) $(4) $(FLAGS) $$(if $$(wildcard $$(@D).partial/checkpoint.pt),--resume)
 endef
 
 QUICK := $(foreach e,$(EXPERIMENTS),$(R)/quick/$(e)/seed-0/metrics.json)

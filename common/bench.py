@@ -146,6 +146,7 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+MAX_IMAGES = 100_000  # 300 MB of uint8 images, each row timed several times: beyond that the bench only waits
 OFFICIAL_SIZES = (73257, 26032, 60000, 10000)  # SVHN train, test; MNIST train, test
 
 
@@ -327,8 +328,6 @@ def setup(device, batch_size, images, repeats, quick):
     device = pick_device(device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(cores)
-    if quick:
-        images, repeats, batch_size = 64, 1, 32
     torch.manual_seed(0)
     data = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (images,))
@@ -387,17 +386,22 @@ def table(result):
 def main(argv=None):
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
-    parser.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
-    parser.add_argument("--images", type=int, default=1024, help="synthetic SVHN-shaped images (default: 1024)")
-    parser.add_argument("--repeats", type=int, default=3, help="timings per row; the median is shown (default: 3)")
+    parser.add_argument("--batch-size", type=int, help="(default: 128; --quick: 32)")
+    parser.add_argument("--images", type=int, help=f"synthetic SVHN-shaped images, at most {MAX_IMAGES:,} "
+                        "(default: 1024; --quick: 64)")
+    parser.add_argument("--repeats", type=int, help="timings per row; the median is shown (default: 3; --quick: 1)")
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd train step")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the code, not the speed")
     parser.add_argument("--json", help="also save the table as JSON here")
     args = parser.parse_args(argv)
-    for flag in ("batch_size", "images", "repeats"):
+    for flag, (full, quick) in dict(batch_size=(128, 32), images=(1024, 64), repeats=(3, 1)).items():
+        if getattr(args, flag) is None:  # --quick fills in only what was not passed
+            setattr(args, flag, quick if args.quick else full)
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.images < args.batch_size and not args.quick:
+    if args.images > MAX_IMAGES:
+        parser.error(f"--images {args.images}: at most {MAX_IMAGES:,} (they are held in memory, and timed {args.repeats}x)")
+    if args.images < args.batch_size:
         parser.error(f"--images {args.images} must be at least --batch-size {args.batch_size}: an epoch needs a full batch")
     if args.json:  # before minutes of timing, not after
         target = Path(args.json)

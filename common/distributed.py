@@ -17,6 +17,31 @@ def launched():
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def stray_environment():
+    """A message when RANK or WORLD_SIZE is set but no launcher set the rest (MASTER_ADDR): a Slurm step or a
+    notebook that inherited them would otherwise train silently as a non-writing rank, or hang. None if fine."""
+    present = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ]
+    if present and "MASTER_ADDR" not in os.environ:
+        return (f"{', '.join(f'{k}={os.environ[k]}' for k in present)} set, but this process was not started by "
+                "torchrun (no MASTER_ADDR): unset them, or launch with torchrun")
+    return None
+
+
+def check_same_config(config):
+    """Every rank must run the same config (flags typed once per node can differ): the differing fields, named,
+    are refused on every rank."""
+    if not dist.is_initialized():
+        return
+    reference = from_main(config)
+    differs = sorted(k for k in config if config[k] != reference.get(k))
+    everyone = [None] * world_size()
+    dist.all_gather_object(everyone, differs)
+    differs = sorted({k for ks in everyone for k in ks})
+    if differs:
+        raise UserError(f"the {world_size()} processes were launched with different flags: "
+                        f"{', '.join('--' + k.replace('_', '-') for k in differs)}; launch every node with the same ones")
+
+
 def setup(device):
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU); returns this rank's device."""
     if not launched():

@@ -130,6 +130,8 @@ def start(cfg, **provenance):
     and re-raised; launch() turns it into an exit code."""
     cfg = resolve(cfg)
     device = distributed.setup(pick_device(cfg.device))
+    distributed.check_same_config({k: v for k, v in dataclasses.asdict(cfg).items()  # paths may differ per node
+                                   if k not in ("overrides", "data_dir", "results_dir")})
     out = run_dir(cfg)
     with contextlib.ExitStack() as held:
         distributed.on_main(lambda: held.enter_context(run_lock(out)))  # rank 0 alone writes
@@ -473,7 +475,10 @@ def evaluate_saved(cfg):
 def launch(main, cfg):
     """Run a script's procedure as a process (or, with --evaluate, test a saved model instead): exit codes and
     one-line errors (plumbing.process), the process group shut down at the end under torchrun."""
-    with plumbing.process(main_rank=distributed.is_main()):
+    stray = distributed.stray_environment()
+    with plumbing.process(main_rank=stray is not None or distributed.is_main()):
+        if stray:
+            raise UserError(stray)
         try:
             evaluate_saved(cfg) if cfg.evaluate else main(cfg)
         finally:

@@ -174,6 +174,10 @@ def collect(root):
         elif metrics.get("status") == "finished":
             profile = tuple(str(metrics["config"].get(k)) for k in PROFILE_FIELDS)
             found.setdefault(path.parent.parent.name, {}).setdefault(profile, []).append(metrics)
+    for old in sorted(root.glob("*/seed-*.old")):
+        if not old.with_suffix("").exists():  # seed-K.old without seed-K: a swap cut between its two renames
+            skipped.append(f"{old}: a swap cut between its renames; the next run of {old.parent.name} with "
+                           f"--seed {old.name[5:-4]} completes or undoes it")
     rows = {}
     for name, profiles in found.items():
         for runs in profiles.values():

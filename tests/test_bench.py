@@ -54,6 +54,8 @@ def test_quick_bench_prints_every_row_and_writes_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [(["--images", "0"], "--images must be >= 1"),
                                            (["--images", "64", "--batch-size", "128"], "must be at least --batch-size"),
+                                           (["--quick", "--images", "16"], "must be at least --batch-size 32"),
+                                           (["--images", "10000000"], "at most 100,000"),
                                            (["--device", "gpu"], "invalid choice")])
 def test_bad_flags_exit_2_with_the_reason(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:

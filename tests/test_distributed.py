@@ -73,3 +73,41 @@ def test_bad_input_under_torchrun_is_one_line_and_quick(data_dir, tmp_path):
     ours = [line for line in err.splitlines() if line.startswith("error:")]
     assert process.returncode != 0 and time.time() - started < 60
     assert ours == ["error: --batch-size 63 (the global batch) must be divisible by the 2 processes"], err[-2000:]
+
+
+def _check_in_group(rank, store, configs, results):
+    import torch.distributed as dist
+    from common import UserError
+    from common.distributed import check_same_config
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        check_same_config(configs[rank])
+        results.put((rank, None))
+    except UserError as e:
+        results.put((rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_launched_with_different_flags_are_refused_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    configs = [dict(lr=0.1, seed=0, epochs=3), dict(lr=0.2, seed=0, epochs=3)]
+    processes = [context.Process(target=_check_in_group, args=(r, tmp_path / "store", configs, results)) for r in (0, 1)]
+    for p in processes:
+        p.start()
+    outcome = dict(results.get(timeout=60) for _ in processes)
+    for p in processes:
+        p.join(timeout=30)
+    assert outcome[0] == outcome[1] and "--lr" in outcome[0] and "--seed" not in outcome[0]
+
+
+def test_stray_rank_without_torchrun_is_one_line(data_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "WORLD_SIZE")}
+    done = subprocess.run([sys.executable, str(ROOT / "01_base.py"), "--quick", "--data-dir", str(data_dir),
+                           "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          env=dict(env, RANK="1", PYTHONPATH=str(ROOT)))
+    assert done.returncode == 1 and done.stderr.strip() == ("error: RANK=1 set, but this process was not started by "
+                                                             "torchrun (no MASTER_ADDR): unset them, or launch with torchrun")
+    assert not (tmp_path / "quick").exists()

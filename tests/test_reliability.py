@@ -150,3 +150,21 @@ def test_resume_with_another_config_names_the_fields(finished_run, capsys):
                     torch.amp.GradScaler("cpu", enabled=False), Progress(), {})
     message = exits_with_error(dataclasses.replace(cfg, resume=True, lr=0.5, epochs=3), capsys)
     assert "--epochs 1 (now 3)" in message and "--lr 0.1 (now 0.5)" in message
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_data_loads_exits_143_without_a_traceback(data_dir, tmp_path):
+    code = ("import time, common.data as d; real = d.load\n"
+            "def slow(*a):\n    print('loading', flush=True); time.sleep(30); return real(*a)\n"
+            "d.load = slow\n"
+            "from common import Config, run\n"
+            f"run(Config(width=8, epochs=1, train_subset=64, data_dir={str(data_dir)!r}, results_dir={str(tmp_path)!r}))")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    while process.stdout.readline().strip() != "loading":  # the config is printed first
+        assert process.poll() is None
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr
+    assert "no epoch finished; rerun" in stderr
+    assert json.loads((tmp_path / "01_base/seed-0.partial/metrics.json").read_text())["status"] == "interrupted"

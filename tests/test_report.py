@@ -137,3 +137,12 @@ def test_odd_typed_optional_fields_neither_break_the_report_nor_count(tmp_path):
     text = (tmp_path / "summary.md").read_text()
     assert "| 01_base | SVHN | 0 | 95.00 | 60.00 | 60.00 |" in text and "garbage" not in text
     assert f"{deep}: unreadable (RecursionError)" in text
+
+
+def test_a_swap_cut_between_its_renames_is_named_not_counted(tmp_path):
+    write(tmp_path / "01_base/seed-0/metrics.json", metrics(0.95, 0.60, 0))
+    write(tmp_path / "01_base/seed-1.old/metrics.json", metrics(0.10, 0.10, 1))
+    write(tmp_path / "01_base/seed-1.partial/metrics.json", metrics(0.20, 0.20, 1))
+    text = summary(tmp_path)
+    assert "| 01_base | 95.00 | 60.00 | 90.31 | 62.89 | 1 |" in text
+    assert f"- {tmp_path}/01_base/seed-1.old: a swap cut between its renames; the next run of 01_base with --seed 1" in text
