@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from .errors import UserError
 
@@ -135,8 +136,8 @@ def _load_mnist(root, split):
         _download(root, files, lambda d: torchvision.datasets.MNIST(d, train=split == "train", download=True))
     _check_idx(root / files[0], 0x00000803, 3)
     _check_idx(root / files[1], 0x00000801, 1)
-    mnist = torchvision.datasets.MNIST(root, train=split == "train", download=False)
-    images, labels = mnist.data, mnist.targets
+    # torchvision's own readers of one IDX file each: its MNIST class insists on both splits being present
+    images, labels = read_image_file(str(root / files[0])), read_label_file(str(root / files[1]))
     if len(images) != len(labels) or len(labels) == 0 or labels.max() > 9:
         raise UserError(f"{root / files[0]} and its labels disagree: {len(images)} images, {len(labels)} labels in 0..9 expected")
     # Resized (bilinear) rather than zero-padded to 32x32: the digit then fills the frame as SVHN's centre

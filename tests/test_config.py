@@ -98,6 +98,7 @@ def test_flags_of_one_script_are_not_offered_by_another(capsys):
     assert exit_info.value.code == 2
 
 
+@pytest.mark.slow  # a subprocess: a fresh interpreter is the only clean slate
 def test_importing_common_changes_no_global_state():
     import subprocess
     import sys

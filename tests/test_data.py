@@ -131,3 +131,13 @@ def test_bad_mnistm_file_is_named(tmp_path):
     np.savez(tmp_path / "mnist_m" / "mnist_m_test.npz", images=np.zeros((2, 32, 32, 3), np.uint8))
     with pytest.raises(UserError, match="mnist_m_test.npz is not an MNIST-M npz"):
         data.load("mnistm", "test", tmp_path)
+
+
+def test_mnist_test_split_loads_without_the_train_files(data_dir, tmp_path):
+    import shutil
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        shutil.copy(data_dir / "MNIST" / "raw" / name, tmp_path / "MNIST" / "raw" / name)
+    x, y = data.load("mnist", "test", tmp_path)
+    reference = data.load("mnist", "test", data_dir)
+    assert torch.equal(x, reference[0]) and torch.equal(y, reference[1])
