@@ -49,8 +49,8 @@ def test_two_processes_take_the_steps_of_one_with_the_same_global_batch(data_dir
 
 
 def test_launcher_killed_then_resumed_under_torchrun_equals_uninterrupted(data_dir, tmp_path):
-    finished(launch(data_dir, tmp_path / "whole", "--epochs", "5"))
-    killed = launch(data_dir, tmp_path / "killed", "--epochs", "5")
+    finished(launch(data_dir, tmp_path / "whole", "--epochs", "3"))
+    killed = launch(data_dir, tmp_path / "killed", "--epochs", "3")
     checkpoint = tmp_path / "killed" / "02_no_bn" / "seed-0.partial" / "checkpoint.pt"
     deadline = time.time() + 120
     while not checkpoint.exists():
@@ -60,7 +60,7 @@ def test_launcher_killed_then_resumed_under_torchrun_equals_uninterrupted(data_d
     killed.wait()
     time.sleep(1)
     assert not (tmp_path / "killed" / "02_no_bn" / "seed-0").exists()
-    assert "resuming after epoch" in finished(launch(data_dir, tmp_path / "killed", "--epochs", "5", "--resume"))
+    assert "resuming after epoch" in finished(launch(data_dir, tmp_path / "killed", "--epochs", "3", "--resume"))
     whole, resumed = metrics(tmp_path / "whole"), metrics(tmp_path / "killed")
     for key in ("steps", "test", "best_epoch", "best_val_acc", "confusion"):
         assert whole[key] == resumed[key], key
