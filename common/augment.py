@@ -152,7 +152,7 @@ def progressive_random_convolution(x, key, cfg, view=0):
     gain, shift = (torch.randn(2, n, c, 1, 1, generator=stream(key, named("prorandconv_affine", view), device),
                                device=device) * cfg.prorandconv_affine).expand(-1, b, -1, -1, -1).unbind(0)
     out, y = x, x
-    for layer in range(1, int(layers.max()) + 1):
+    for layer in range(1, most + 1):  # not to layers.max(): reading it would sync the device every step
         y = deformable_convolution(y, grid, weights, cfg.prorandconv_padding)
         y = torch.tanh(torch.addcmul(shift, F.instance_norm(y), gain))  # instance_norm: each image's channels
         out = torch.where((layers == layer).view(b, 1, 1, 1), (y + 1) / 2, out)

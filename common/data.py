@@ -22,7 +22,6 @@ from .errors import UserError
 
 DOMAINS = ("svhn", "mnist", "mnistm", "usps")
 TITLES = dict(svhn="SVHN", mnist="MNIST", mnistm="MNIST-M", usps="USPS")
-OPTIONAL = ("mnistm", "usps")  # tested on when present; never downloaded, never an error when absent
 SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}

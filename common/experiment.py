@@ -271,10 +271,26 @@ def load_run_model(name, cfg):
     if not path.exists():
         raise UserError(f"no trained model at {path}: run `python {name}.py{' --quick' if cfg.quick else ''} "
                         f"--seed {cfg.seed}` first")
-    source = read_torch(path, f"rerun {name}.py")
-    if not (isinstance(source.get("model"), dict) and all(k in source.get("config", {}) for k in MODEL_FIELDS)):
-        raise UserError(f"{path} lacks the model or its config (fields {', '.join(MODEL_FIELDS)}); rerun {name}.py")
-    return source, path
+    return read_model_file(path, MODEL_FIELDS, f"rerun {name}.py"), path
+
+
+def read_model_file(path, fields, remedy):
+    """A model.pt this project wrote: {"model": state dict, "config": {...}} with at least `fields` in the config."""
+    saved = read_torch(path, remedy)
+    if not (isinstance(saved.get("model"), dict) and isinstance(saved.get("config"), dict)
+            and all(k in saved["config"] for k in fields)):
+        raise UserError(f"{path} is not a model.pt of this project: it lacks the model or its config (fields "
+                        f"{', '.join(fields)}); {remedy}")
+    return saved
+
+
+def load_weights(model, state, path, remedy=""):
+    """model.load_state_dict(state), a mismatch being one line that names the file."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} does not fit the network its config describes ({str(e).splitlines()[0][:160]})"
+                        f"{remedy}") from None
 
 
 def network_of(cfg, source):
@@ -300,11 +316,7 @@ def new_model(run, data, source=None):
     model = build_model(cfg, *stats, pretrained=cfg.pretrained and source is None and run.checkpoint is None)
     if source:
         state, path = source
-        try:
-            model.load_state_dict(state["model"])
-        except (RuntimeError, TypeError, AttributeError) as e:
-            raise UserError(f"{path} does not fit the network its config describes "
-                            f"({str(e).splitlines()[0][:160]}); rerun {path.parent.parent.name}.py") from None
+        load_weights(model, state["model"], path, f"; rerun {path.parent.parent.name}.py")
         if cfg.arch == "resnet18" and cfg.input_norm == "dataset":
             set_input_stats(model, *stats)
     return model.to(run.device, memory_format=torch.channels_last)
@@ -441,10 +453,7 @@ def evaluate_saved(cfg):
     path = Path(cfg.evaluate)
     if not path.exists():
         raise UserError(f"--evaluate {path}: no such file")
-    saved = read_torch(path, "pass a model.pt this project wrote")
-    if not (isinstance(saved.get("model"), dict) and isinstance(saved.get("config"), dict)
-            and all(k in saved["config"] for k in MODEL_FIELDS + ("dataset", "eval_subset"))):
-        raise UserError(f"{path} is not a model.pt of this project (no model and config)")
+    saved = read_model_file(path, MODEL_FIELDS + ("dataset", "eval_subset"), "pass a model.pt this project wrote")
     try:
         built = dataclasses.replace(cfg, **{k: saved["config"][k] for k in MODEL_FIELDS + ("dataset", "eval_subset")},
                                     evaluate="", overrides="")
@@ -453,10 +462,7 @@ def evaluate_saved(cfg):
     device = pick_device(cfg.device)
     run = Run(built, out=None, staging=None, device=device, precision=pick_precision(cfg.amp, device))
     model = build_model(built, [0.0] * 3, [1.0] * 3, pretrained=False)  # the Normalize buffers come with the weights
-    try:
-        model.load_state_dict(saved["model"])
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise UserError(f"{path} does not fit the network its config describes ({str(e).splitlines()[0][:160]})") from None
+    load_weights(model, saved["model"], path)
     model.to(device, memory_format=torch.channels_last)
     run.progress.best_weights = saved["model"]
     data = Data(None, None, *load_domains(built, device))
