@@ -159,6 +159,40 @@ def progressive_random_convolution(x, key, cfg, view=0):
     return torch.where((chosen < cfg.prorandconv).view(b, 1, 1, 1), match(out, x, cfg.dg_output), x)
 
 
+def noise_texture(b, h, w, generator, device):
+    """Colour textures (B, 3, H, W) in [0, 1] with a natural image's falling spectrum: white noise shaped to an
+    amplitude 1/f^a, a ~ U(0.5, 2) per image (grainy to cloudy; photographs sit near 1). The channels' means
+    are 0.2-0.4 away from grey, all up or all down, so that the contrast-reversed digit of background() stays visible; the
+    channels share a random part of one grey field (from one colour to independent colours)."""
+    u = torch.rand(b, 7, generator=generator, device=device)
+    fy = torch.fft.fftfreq(h, device=device).view(h, 1)
+    fx = torch.fft.rfftfreq(w, device=device).view(1, -1)
+    f = (fy ** 2 + fx ** 2).sqrt().clamp(min=1 / max(h, w))  # the DC term gets the lowest frequency's weight
+    exponent = (0.5 + 1.5 * u[:, 0]).view(b, 1, 1, 1)
+    white = torch.randn(b, 3, h, w, generator=generator, device=device)
+    field = torch.fft.irfft2(torch.fft.rfft2(white) * f.pow(-exponent), s=(h, w))
+    field = torch.lerp(field, field.mean(1, keepdim=True), u[:, 1].view(b, 1, 1, 1))
+    field = (field - field.mean((2, 3), keepdim=True)) / field.std((2, 3), keepdim=True).clamp(min=1e-6)
+    mean = 0.5 + torch.where(u[:, 2:3] < 0.5, -1, 1) * (0.2 + 0.2 * u[:, 3:6])  # one sign: muted colours
+    contrast = 0.05 + 0.15 * u[:, 6]
+    return (mean.view(b, 3, 1, 1) + contrast.view(b, 1, 1, 1) * field).clamp(0, 1)
+
+
+def background(x, coverage, key, cfg, view=0):
+    """Clutter behind the digit: each image chosen with probability cfg.background is redrawn as a noise_texture
+    background with the digit on top, alpha = its coverage (the warped grey in [0, 1], before colour and
+    inversion: MNIST and USPS digits are light on black), the digit filled with the background's contrast-reversed
+    texture, so it stays visible on any texture. MNIST's background is black in every image; SVHN's and
+    MNIST-M's never are. (This knows how MNIST-M was made, a digit blended over a photo patch: its gain on the
+    MNIST-M dev set is partly by construction, and SVHN, held out, is the fair test.)"""
+    b, _, h, w = x.shape
+    generator = stream(key, named("background", view), x.device)
+    chosen = torch.rand(b, generator=generator, device=x.device) < cfg.background
+    texture = noise_texture(b, h, w, generator, x.device)
+    cluttered = torch.lerp(texture, 1 - texture, coverage)
+    return torch.where(chosen.view(b, 1, 1, 1), cluttered, x)
+
+
 def homographies(angle, shear, sx, sy, tx, ty):
     """Output pixel -> input pixel maps (B, 3, 3) in grid_sample's [-1, 1] coordinates: crop scale (sx, sy) .
     rotation (radians) . x-shear (radians), then the shift (tx, ty). On an image this is torchvision's
@@ -237,9 +271,12 @@ def augment(images, cfg, key, view=0):
         displacement = torch.stack(uniform("perspective", 8), 1).view(b, 4, 2) * 2 * cfg.perspective
         homography = homography @ _perspective(displacement)
     x = warp(images, homography)
+    coverage = x.mean(1, keepdim=True).div(255).clamp(0, 1) if cfg.background else None
     jitter = [1 + u * cfg.jitter for u in uniform("jitter", 3)] if cfg.jitter else [None] * 3
     flip = uniform("invert", 1)[0] + 1 < 2 * cfg.invert if cfg.invert else None
     x = colour(x, *jitter, flip=flip)
+    if cfg.background:
+        x = background(x, coverage, key, cfg, view)
     if cfg.randconv:
         x = random_convolution(x, key, cfg, view)
     if cfg.prorandconv:

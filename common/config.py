@@ -62,6 +62,7 @@ class Config:
     perspective: float = 0.0        # max corner displacement, fraction of the image size
     jitter: float = 0.0             # brightness, contrast and saturation factors in [1 - j, 1 + j]
     invert: float = 0.0             # probability of inverting an image: SVHN digits come in both polarities, MNIST's never
+    background: float = 0.0         # probability of a cluttered background: the digit over a random colour-noise texture (MNIST's is always black)
     randconv: float = 0.0           # probability of a random-convolution view (RandConv): new textures and colours, same shapes
     prorandconv: float = 0.0        # probability of a progressive random-convolution view (Pro-RandConv): stacked 3x3 random blocks
     prorandconv_layers: int = 10    # Pro-RandConv's L ~ U{1..this}: more layers, larger and stranger textures (the paper's digit value)
@@ -73,10 +74,10 @@ class Config:
     prorandconv_padding: str = "border"  # border: edges repeated, no black frame | zeros: deform_conv2d's padding
     randconv_per: str = "image"     # image: each image its own kernel | batch: one kernel, the batch clean w.p. 1 - randconv (official)
     dg_output: str = "unit"         # unit: random-conv outputs as made | matched: moved to each clean image's mean/std per channel
-    dg_ramp: float = 0.0            # fraction of all steps over which invert/randconv/prorandconv ramp up from 0 (0 = off)
+    dg_ramp: float = 0.0            # fraction of all steps over which the DG_FIELDS augmentations ramp up from 0 (0 = off)
     consistency: float = 0.0        # weight of the Jensen-Shannon consistency across augmented views (AugMix); 0 = one view, no extra cost
     views: int = 2                  # augmented views per image when --consistency > 0: each extra view costs one more forward/backward
-    consistency_clean: bool = False # AugMix: view 0 without invert/randconv/prorandconv, cross-entropy on it alone, JSD over all
+    consistency_clean: bool = False # AugMix: view 0 without the DG_FIELDS augmentations, cross-entropy on it alone, JSD over all
     # cross-domain
     tta: str = "none"               # none | bn | tent | bn,tent: test-time adaptation to each unlabelled target test set, reported apart (test_tta)
     tent_lr: float = 1e-3           # Tent's SGD lr (momentum 0.9) on the BN affine parameters (Tent's digit setting)
@@ -109,9 +110,10 @@ class Config:
         return set(self.overrides.split(",")) - {""}
 
 
-AUGMENT_FIELDS = ("rotate", "shear", "translate", "crop_scale", "perspective", "jitter", "invert", "randconv",
-                  "prorandconv")
-DG_FIELDS = ("invert", "randconv", "prorandconv")  # the cross-domain augmentations: ramped by --dg-ramp, off in a clean view
+AUGMENT_FIELDS = ("rotate", "shear", "translate", "crop_scale", "perspective", "jitter", "invert", "background",
+                  "randconv", "prorandconv")
+# The cross-domain augmentations: ramped by --dg-ramp, off in a clean view.
+DG_FIELDS = ("invert", "background", "randconv", "prorandconv")
 CHOICES = dict(dataset=("svhn", "mnist"), arch=("resnet18", "imagenet_resnet18"), norm=("batch", "none"),
                input_norm=("dataset", "image"), transfer_input=("upsample64", "upsample224", "stem3x3"),
                optimizer=("sgd", "adamw"), device=("auto", "cpu", "cuda"), amp=("auto", "bf16", "fp16", "off"),
@@ -122,7 +124,8 @@ POSITIVE = ("epochs", "batch_size", "lr", "width", "warmup", "prorandconv_layers
             "tent_batch", "dev_images")
 NON_NEGATIVE = ("seed", "train_subset", "eval_subset", "weight_decay", "consistency", "rotate", "shear", "translate",
                 "crop_scale", "perspective", "jitter", "invert", "clip_grad", "prorandconv_offset", "prorandconv_affine")
-FRACTIONS = ("warmup", "momentum", "label_smoothing", "crop_scale", "jitter", "invert", "randconv", "prorandconv", "dg_ramp")
+FRACTIONS = ("warmup", "momentum", "label_smoothing", "crop_scale", "jitter", "invert", "background", "randconv",
+             "prorandconv", "dg_ramp")
 AT_MOST = dict(seed=(2**31 - 1, "it seeds numpy too"), rotate=(180, "degrees"), shear=(60, "degrees"),
                translate=(0.5, "of the image size"), perspective=(0.5, "of the image size"),
                width=(1024, "channels"), prorandconv_layers=(50, "layers"), views=(8, "views"),
@@ -163,9 +166,9 @@ def check_combinations(cfg):
         raise UserError(f"--consistency compares augmented views: it needs --views >= 2, got {cfg.views}")
     if cfg.consistency and not cfg.augments:
         raise UserError("--consistency compares augmented views, and no augmentation is on: identical views")
-    if cfg.consistency_clean and not (cfg.consistency and (cfg.invert or cfg.randconv or cfg.prorandconv)):
-        raise UserError("--consistency-clean anchors JSD on a view without invert/randconv/prorandconv: it needs "
-                        "--consistency > 0 and one of them on")
+    if cfg.consistency_clean and not (cfg.consistency and any(getattr(cfg, k) for k in DG_FIELDS)):
+        raise UserError("--consistency-clean anchors JSD on a view without invert/background/randconv/prorandconv: it "
+                        "needs --consistency > 0 and one of them on")
     if cfg.tta != "none" and cfg.norm == "none" and cfg.arch == "resnet18":
         raise UserError(f"--tta {cfg.tta} adapts BatchNorm layers: it needs --norm batch")
     if cfg.resume and cfg.restart:
@@ -191,7 +194,8 @@ NEEDS = dict(
                        "--prorandconv > 0 --prorandconv-offsets field"),
     randconv_per=(lambda cfg: cfg.randconv > 0, "--randconv > 0"),
     dg_output=(lambda cfg: cfg.randconv > 0 or cfg.prorandconv > 0, "--randconv or --prorandconv > 0"),
-    dg_ramp=(lambda cfg: any(getattr(cfg, k) > 0 for k in DG_FIELDS), "--invert, --randconv or --prorandconv > 0"),
+    dg_ramp=(lambda cfg: any(getattr(cfg, k) > 0 for k in DG_FIELDS),
+             "--invert, --background, --randconv or --prorandconv > 0"),
     tent_lr=(lambda cfg: "tent" in cfg.tta, "--tta tent"), tent_batch=(lambda cfg: "tent" in cfg.tta, "--tta tent"),
 )
 

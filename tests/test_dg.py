@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
 from common import Config
-from common.augment import augment, draw, match, progressive_random_convolution, random_convolution, smooth_field, stream
+from common.augment import (augment, draw, match, noise_texture, progressive_random_convolution, random_convolution,
+                            smooth_field, stream)
 from common.experiment import Run, load_data, new_model
 from common.train import (Progress, clean_view, fit, jensen_shannon, loss_function, make_optimizer, make_schedule,
                           ramped, train_epoch, training_loss)
@@ -98,9 +99,34 @@ def test_matched_outputs_take_each_clean_images_mean_and_std():
     torch.testing.assert_close(through.mean((2, 3)), clean.mean((2, 3)), atol=1e-4, rtol=1e-4)
 
 
+def digit_on_black(n):
+    """uint8 light-on-black "digits" (a bar), as MNIST and USPS show theirs."""
+    x = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    x[:, :, 6:26, 13:19] = 255
+    return x
+
+
+def test_background_puts_a_texture_behind_a_digit_that_stays_visible():
+    out = augment(digit_on_black(16), Config(background=0.99999), 4)
+    behind, stroke = out[:, :, 2:30, 0:8], out[:, :, 10:22, 14:18]
+    assert (behind.std((2, 3)) > 0.01).all()                         # a texture, not a flat colour
+    assert not torch.allclose(behind[0], behind[1])                  # every image its own
+    contrast = (stroke.mean((2, 3)) - behind.mean((2, 3))).abs().max(1).values
+    assert (contrast > 0.2).all()                                    # the digit is still there to read
+    assert torch.equal(augment(digit_on_black(16), Config(background=0.99999), 4), out)  # seeded by the key
+    assert torch.equal(augment(digit_on_black(16), Config(background=0.0), 4), digit_on_black(16) / 255)
+
+
+def test_noise_texture_has_a_falling_spectrum():
+    texture = noise_texture(64, 32, 32, torch.Generator().manual_seed(0), "cpu")
+    assert texture.min() >= 0 and texture.max() <= 1
+    power = torch.fft.rfft2(texture - texture.mean((2, 3), keepdim=True)).abs().pow(2).mean((0, 1))
+    assert power[1:3, 1:3].mean() > 10 * power[12:16, 12:16].mean()  # low frequencies dominate, as in photos
+
+
 def test_dg_ramp_scales_only_the_cross_domain_augmentations_over_its_span():
-    cfg = Config(rotate=15, invert=0.5, prorandconv=0.8, dg_ramp=0.4)
-    assert ramped(cfg, 0.0).prorandconv == 0.0 and ramped(cfg, 0.0).rotate == 15
+    cfg = Config(rotate=15, invert=0.5, prorandconv=0.8, background=0.5, dg_ramp=0.4)
+    assert ramped(cfg, 0.0).prorandconv == 0.0 and ramped(cfg, 0.0).background == 0.0 and ramped(cfg, 0.0).rotate == 15
     half = ramped(cfg, 0.2)
     assert (half.invert, half.prorandconv) == pytest.approx((0.25, 0.4))
     assert ramped(cfg, 0.4) is cfg and ramped(dataclasses.replace(cfg, dg_ramp=0.0), 0.0) is not None
