@@ -173,9 +173,11 @@ def check_combinations(cfg):
         raise UserError(f"--tta {cfg.tta} adapts BatchNorm layers: it needs --norm batch")
     if cfg.resume and cfg.restart:
         raise UserError("--resume continues the saved run and --restart discards it: pass one of them")
+    base = {f.name: f.default for f in dataclasses.fields(Config)}
     for key in sorted(cfg.passed & set(NEEDS)):
         holds, wanted = NEEDS[key]
-        if not holds(cfg):
+        # Back to Config's default is never refused: 07 --consistency 0 needs --no-consistency-clean to be valid.
+        if not holds(cfg) and getattr(cfg, key) != base[key]:
             raise UserError(f"{flag(key)} has no effect without {wanted}: drop it, or add that")
 
 

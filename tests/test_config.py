@@ -68,6 +68,14 @@ def test_out_of_range_and_non_finite_flags_are_two_lines(argv, capsys):
     assert exit_info.value.code == 2 and len(err) == 2 and "error:" in err[0] and "--help" in err[1], err
 
 
+def test_a_scripts_default_can_be_switched_back_off_with_what_it_needs():
+    reverse = Config(name="07_x", dataset="mnist", rotate=5, prorandconv=0.5, consistency=1.0, consistency_clean=True)
+    plain = cli(reverse, ["--prorandconv", "0", "--consistency", "0", "--no-consistency-clean"])
+    assert (plain.prorandconv, plain.consistency, plain.consistency_clean) == (0, 0, False)
+    with pytest.raises(SystemExit):  # switching it on where it can do nothing is still refused
+        cli(BASE, ["--consistency-clean"])
+
+
 def test_non_finite_config_in_code_is_rejected():
     with pytest.raises(UserError, match="finite"):
         Config(lr=float("nan"))
