@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from common import AUGMENT_04, Config, cli, launch
-from common.experiment import finish, load_data, new_model, start, test, train
+from common.experiment import adapt, finish, load_data, new_model, start, test, train
 from common.results import best_recipe
 
 
@@ -61,6 +61,7 @@ def main(cfg):
         model = new_model(run, data)
         train(run, model, data)           # the epoch is chosen on the MNIST validation split
         results = test(run, model, data)  # SVHN, MNIST-M, USPS, MNIST; dev: MNIST-M and USPS train files
+        results["test_tta"] = adapt(run, model, data)  # --tta: each target domain on its own copy (none: {})
         finish(run, model, data, results) # model.pt: what 08 fine-tunes
 
 

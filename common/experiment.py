@@ -441,8 +441,7 @@ def train_and_test(cfg, source=None, **provenance):
         model = new_model(run, data, source)
         train(run, model, data)
         results = test(run, model, data)
-        if cfg.tta != "none":
-            results["test_tta"] = adapt(run, model, data)
+        results["test_tta"] = adapt(run, model, data)  # --tta none: {}
         return finish(run, model, data, results)
 
 

@@ -45,6 +45,14 @@ def run_in_process(script, *args):
     launch(module.main, cfg) if hasattr(module, "main") else run(cfg)
 
 
+@pytest.mark.parametrize("script", ["01_base.py", "07_reverse_mnist.py"])
+def test_tta_is_reported_by_every_procedure(script, data_dir, tmp_path):
+    run_in_process(script, "--quick", "--width", "8", "--tta", "bn", "--data-dir", data_dir, "--results-dir", tmp_path)
+    metrics = json.loads((tmp_path / "quick" / script[:-3] / "seed-0" / "metrics.json").read_text())
+    target = "svhn" if script.startswith("07") else "mnist"
+    assert set(metrics["test_tta"]) == {"bn"} and 0 <= metrics["test_tta"]["bn"][target] <= 1
+
+
 @pytest.mark.slow
 def test_every_script_quick_end_to_end_then_report(data_dir, tmp_path, torch_home, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
