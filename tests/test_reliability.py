@@ -73,7 +73,7 @@ def test_killed_rerun_keeps_old_results_and_resume_equals_uninterrupted(data_dir
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])  # SIGTERM: kill, docker, Slurm
 def test_ctrl_c_and_sigterm_save_and_say_how_to_resume(data_dir, tmp_path, sig, code):
-    process = start(data_dir, tmp_path)
+    process = start(data_dir, tmp_path, "--epochs", "100")  # still training when the signal lands, however fast the CPU
     partial = tmp_path / "01_base" / "seed-0.partial"
     wait_for_first_epoch(partial, process)
     process.send_signal(sig)
