@@ -136,6 +136,9 @@ def flag(field_name):
     return "--" + field_name.replace("_", "-")
 
 
+DG_FLAGS = ", ".join(map(flag, DG_FIELDS))  # the cross-domain flags, named in errors as DG_FIELDS lists them
+
+
 def check_fields(cfg):
     """Each field alone: a config written in code gets the checks the CLI's parsing gives."""
     for f in dataclasses.fields(cfg):
@@ -167,13 +170,13 @@ def check_combinations(cfg):
     if cfg.consistency and not cfg.augments:
         raise UserError("--consistency compares augmented views, and no augmentation is on: identical views")
     if cfg.consistency_clean and not (cfg.consistency and any(getattr(cfg, k) for k in DG_FIELDS)):
-        raise UserError("--consistency-clean anchors JSD on a view without invert/background/randconv/prorandconv: it "
-                        "needs --consistency > 0 and one of them on")
+        raise UserError(f"--consistency-clean anchors JSD on a view without {DG_FLAGS}: it needs --consistency > 0 "
+                        "and one of them on")
     if cfg.tta != "none" and cfg.norm == "none" and cfg.arch == "resnet18":
         raise UserError(f"--tta {cfg.tta} adapts BatchNorm layers: it needs --norm batch")
     if cfg.resume and cfg.restart:
         raise UserError("--resume continues the saved run and --restart discards it: pass one of them")
-    base = {f.name: f.default for f in dataclasses.fields(Config)}
+    base = {f.name: f.default for f in dataclasses.fields(Config)}  # Config's, not a script's subclass defaults
     for key in sorted(cfg.passed & set(NEEDS)):
         holds, wanted = NEEDS[key]
         # Back to Config's default is never refused: 07 --consistency 0 needs --no-consistency-clean to be valid.
@@ -196,8 +199,7 @@ NEEDS = dict(
                        "--prorandconv > 0 --prorandconv-offsets field"),
     randconv_per=(lambda cfg: cfg.randconv > 0, "--randconv > 0"),
     dg_output=(lambda cfg: cfg.randconv > 0 or cfg.prorandconv > 0, "--randconv or --prorandconv > 0"),
-    dg_ramp=(lambda cfg: any(getattr(cfg, k) > 0 for k in DG_FIELDS),
-             "--invert, --background, --randconv or --prorandconv > 0"),
+    dg_ramp=(lambda cfg: any(getattr(cfg, k) > 0 for k in DG_FIELDS), f"one of {DG_FLAGS} > 0"),
     tent_lr=(lambda cfg: "tent" in cfg.tta, "--tta tent"), tent_batch=(lambda cfg: "tent" in cfg.tta, "--tta tent"),
 )
 
