@@ -183,7 +183,7 @@ REVERSE = Config(dataset="mnist", width=8, epochs=8, batch_size=32, train_subset
                  consistency=1.0, consistency_clean=True, lr=0.05)  # 07's anchor: the clean view trains from step 1
 
 
-@pytest.mark.slow  # 3 x 8 epochs of two views: ~70 s on 2 cores
+@pytest.mark.slow  # 3 x 8 epochs of two views: ~50 s on 2 cores
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_dg_recipe_trains_above_the_majority_class_on_every_seed(data_dir, seed):
     cfg = dataclasses.replace(REVERSE, data_dir=str(data_dir), seed=seed)
