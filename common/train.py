@@ -148,8 +148,11 @@ def make_schedule(cfg, optimizer, steps_per_epoch):
 
 
 @torch.inference_mode()
-def evaluate(model, x, y, precision, batch_size=512):
+def evaluate(model, x, y, precision, batch_size=None):
     """(mean cross-entropy without smoothing, accuracy as a fraction, predictions) over a whole split."""
+    # CPUs run small batches faster (caches): 07's ResNet-18 in bf16 on a 2-core AMD EPYC took 3.1 ms/image at
+    # 128 against 3.6-4.5 at 512 (one timing script, two repeats); a GPU wants the large batch.
+    batch_size = batch_size or (512 if x.device.type == "cuda" else 128)
     model.eval()
     loss, preds = torch.zeros((), device=x.device), []
     for xb, yb in batches(x, y, batch_size):
