@@ -29,7 +29,7 @@ CONFIG = ReverseConfig(
     dataset="mnist",          # the variable under study
     epochs=7,                 # two views per image; 6 left seed 0's source validation at 98.8% (README)
     width=48,                 # ResNet-18 at 3/4 width: 0.6x the step time of 64 (1.03 s against 1.67-1.75 on a 2-core
-                              # AMD EPYC), where 64 took 25-27 min per seed; 6.3 M parameters are plenty for digits
+                              # AMD EPYC), where 64 took 27 min per seed; 6.3 M parameters are plenty for digits
     batch_size=64,            # twice the steps of 128 in the same time: every seed past 50% train accuracy in epoch 1
     warmup=0.15,              # one epoch of warm-up, as in the 5-epoch pilots the recipe was chosen on
     label_smoothing=0.1,      # 04's recipe ...
