@@ -138,17 +138,29 @@ def selection(full):
 
 
 def adaptation(full):
-    """--tta: each target domain after adaptation, beside its source-only number."""
+    """--tta: each target domain after adaptation, beside its source-only number; per seed, then the mean ± std
+    over seeds of each, and of the paired change (adapted - source-only, same model)."""
     lines = ["", "## Test-time adaptation (a separate evaluation: every table above is source-only)", "",
-             "| experiment | seed | method | target | source-only % | after adaptation % |", "|---|---|---|---|---|---|"]
+             "| experiment | seed | method | target | source-only % | after adaptation % | change (points) |",
+             "|---|---|---|---|---|---|---|"]
     for name, runs in full.items():
+        pairs = {}  # (method, domain) -> [(source-only, adapted)] over seeds
         for m in runs:
             by_method = m.get("test_tta") if isinstance(m.get("test_tta"), dict) else {}
             for method, by_domain in by_method.items():
                 for domain, value in accuracies(by_domain).items():
                     source_only = accuracies(m["test"]).get(domain)
+                    change = "—" if source_only is None else f"{100 * (value - source_only):+.2f}"
                     lines.append(f"| {name} | {m['config']['seed']} | {method} | {TITLES[domain]} | "
-                                 f"{'—' if source_only is None else f'{100 * source_only:.2f}'} | {100 * value:.2f} |")
+                                 f"{'—' if source_only is None else f'{100 * source_only:.2f}'} | {100 * value:.2f} | {change} |")
+                    if source_only is not None:
+                        pairs.setdefault((method, domain), []).append((source_only, value))
+        for (method, domain), both in pairs.items():
+            if len(both) > 1:
+                source_only, adapted = np.array(both).T
+                change = 100 * (adapted - source_only)
+                lines.append(f"| {name} | mean ± std | {method} | {TITLES[domain]} | {mean_std(source_only)} | "
+                             f"{mean_std(adapted)} | {change.mean():+.2f} ± {change.std(ddof=1):.2f} |")
     return lines if len(lines) > 5 else []
 
 

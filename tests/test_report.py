@@ -111,7 +111,8 @@ def test_cross_domain_rows_show_every_domain_the_unseen_mean_and_dev(tmp_path):
     assert "| 07_reverse_mnist | MNIST | 0 | 40.00 | 99.00 | 70.00 | 90.00 | 66.67 | 72.00 | 91.00 |" in text
     assert "| 07_reverse_mnist | MNIST | mean ± std | 50.00 ± 14.14 | 99.00 ± 0.00 | 70.00 ± 0.00 | 90.00 ± 0.00 | " \
            "70.00 ± 4.71 | 72.00 ± 0.00 | 91.00 ± 0.00 |" in text
-    assert "| 07_reverse_mnist | 1 | bn | MNIST-M | 70.00 | 80.00 |" in text  # beside its own source-only number
+    assert "| 07_reverse_mnist | 1 | bn | MNIST-M | 70.00 | 80.00 | +10.00 |" in text  # beside its own source-only number
+    assert "| 07_reverse_mnist | mean ± std | bn | SVHN | 50.00 ± 14.14 | 65.00 ± 0.00 | +15.00 ± 14.14 |" in text
     selection = text.split("## Selection")[1].split("## Cross-domain")[0]
     assert "| 07_reverse_mnist | 0 | 5 | — | 90.00 | 72.00 | 91.00 | 81.50 | 10min | NVIDIA A100 (bf16) |" in selection
     assert "SVHN" not in selection.split("|---")[0] and "40.00" not in selection  # no test number chooses
