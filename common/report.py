@@ -150,9 +150,10 @@ def adaptation(full):
             for method, by_domain in by_method.items():
                 for domain, value in accuracies(by_domain).items():
                     source_only = accuracies(m["test"]).get(domain)
-                    change = "—" if source_only is None else f"{100 * (value - source_only):+.2f}"
-                    lines.append(f"| {name} | {m['config']['seed']} | {method} | {TITLES[domain]} | "
-                                 f"{'—' if source_only is None else f'{100 * source_only:.2f}'} | {100 * value:.2f} | {change} |")
+                    before, change = ("—", "—") if source_only is None else \
+                        (f"{100 * source_only:.2f}", f"{100 * (value - source_only):+.2f}")
+                    lines.append(f"| {name} | {m['config']['seed']} | {method} | {TITLES[domain]} | {before} | "
+                                 f"{100 * value:.2f} | {change} |")
                     if source_only is not None:
                         pairs.setdefault((method, domain), []).append((source_only, value))
         for (method, domain), both in pairs.items():
