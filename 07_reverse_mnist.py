@@ -63,7 +63,7 @@ def main(cfg):
         model = new_model(run, data)
         train(run, model, data)           # the epoch is chosen on the MNIST validation split
         results = test(run, model, data)  # SVHN, MNIST-M, USPS, MNIST; dev: MNIST-M and USPS train files
-        results["test_tta"] = adapt(run, model, data)  # --tta: each target domain on its own copy (none: {})
+        results.update(adapt(run, model, data))  # --tta: each target and dev domain on its own copy
         finish(run, model, data, results) # model.pt: what 08 fine-tunes
 
 

@@ -26,7 +26,7 @@ def main(cfg):
         model = new_model(run, data)
         train(run, model, data)           # the epoch is chosen on the SVHN validation split
         results = test(run, model, data)  # source-only, on every domain
-        results["test_tta"] = adapt(run, model, data)  # each target domain's unlabelled test set, on a copy
+        results.update(adapt(run, model, data))  # each target domain's unlabelled test set, on a copy
         finish(run, model, data, results)
 
 

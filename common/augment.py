@@ -193,6 +193,26 @@ def background(x, coverage, key, cfg, view=0):
     return torch.where(chosen.view(b, 1, 1, 1), cluttered, x)
 
 
+def amplitude_perturbation(x, key, cfg, view=0):
+    """Random low-frequency amplitude perturbation, phase kept (the random variant of AdvFrequency, Wang et al.
+    2024; FACT's amplitude mixing, Xu et al. CVPR 2021, with a random spectrum instead of another image's). Each
+    image chosen with probability cfg.amplitude has the Fourier amplitude of each channel multiplied, at every
+    frequency within cfg.amplitude_band of the lowest (cycles per pixel), by exp(cfg.amplitude_scale * N(0, 1)):
+    colour, contrast and texture of large areas change, the phase that carries the digit's shape does not. The
+    gain is symmetric in frequency (a real image stays real) and 1 at the DC term (each channel keeps its mean)."""
+    b, c, h, w = x.shape
+    generator = stream(key, named("amplitude", view), x.device)
+    chosen = torch.rand(b, generator=generator, device=x.device) < cfg.amplitude
+    fy = torch.fft.fftfreq(h, device=x.device).view(h, 1)
+    fx = torch.fft.fftfreq(w, device=x.device).view(1, w)
+    low = ((fy ** 2 + fx ** 2).sqrt() <= cfg.amplitude_band) & ((fy != 0) | (fx != 0))
+    noise = torch.randn(b, c, h, w, generator=generator, device=x.device)
+    noise = (noise + torch.roll(noise.flip(-2, -1), (1, 1), (-2, -1))) / 2  # g(f) = g(-f)
+    gain = torch.where(low, torch.exp(cfg.amplitude_scale * noise), torch.ones_like(noise))
+    perturbed = torch.fft.ifft2(torch.fft.fft2(x) * gain).real
+    return torch.where(chosen.view(b, 1, 1, 1), perturbed, x)
+
+
 def homographies(angle, shear, sx, sy, tx, ty):
     """Output pixel -> input pixel maps (B, 3, 3) in grid_sample's [-1, 1] coordinates: crop scale (sx, sy) .
     rotation (radians) . x-shear (radians), then the shift (tx, ty). On an image this is torchvision's
@@ -249,9 +269,12 @@ def augment(images, cfg, key, view=0):
     device."""
     b, device = images.shape[0], images.device
     zero = torch.zeros(b, device=device)
+    # --consistency-geometry shared: every view of an image gets view 0's warp and colour, as AugMix's views share
+    # one base image; the cross-domain augmentations below always draw per view.
+    geometry_view = 0 if cfg.consistency_geometry == "shared" else view
 
     def uniform(name, columns):
-        return draw(key, named(name, view), columns, b, device).unbind(1)
+        return draw(key, named(name, geometry_view), columns, b, device).unbind(1)
 
     angle = uniform("rotate", 1)[0] * math.radians(cfg.rotate) if cfg.rotate else zero
     shear = uniform("shear", 1)[0] * math.radians(cfg.shear) if cfg.shear else zero
@@ -273,7 +296,7 @@ def augment(images, cfg, key, view=0):
     x = warp(images, homography)
     coverage = x.mean(1, keepdim=True).div(255).clamp(0, 1) if cfg.background else None
     jitter = [1 + u * cfg.jitter for u in uniform("jitter", 3)] if cfg.jitter else [None] * 3
-    flip = uniform("invert", 1)[0] + 1 < 2 * cfg.invert if cfg.invert else None
+    flip = draw(key, named("invert", view), 1, b, device)[:, 0] + 1 < 2 * cfg.invert if cfg.invert else None
     x = colour(x, *jitter, flip=flip)
     if cfg.background:
         x = background(x, coverage, key, cfg, view)
@@ -281,4 +304,6 @@ def augment(images, cfg, key, view=0):
         x = random_convolution(x, key, cfg, view)
     if cfg.prorandconv:
         x = progressive_random_convolution(x, key, cfg, view)
+    if cfg.amplitude:
+        x = amplitude_perturbation(x, key, cfg, view)
     return x

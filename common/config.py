@@ -72,16 +72,25 @@ class Config:
     prorandconv_field: float = 4.0  # --prorandconv-offsets field: correlation length (Gaussian sigma) of the field, pixels
     prorandconv_affine: float = 0.5 # sigma of the random per-channel gain and shift after standardization
     prorandconv_padding: str = "border"  # border: edges repeated, no black frame | zeros: deform_conv2d's padding
+    amplitude: float = 0.0          # probability of a random low-frequency Fourier amplitude perturbation, phase kept (AdvFrequency's random variant)
+    amplitude_band: float = 0.15    # frequencies perturbed: up to this many cycles per pixel (0.5 is the highest)
+    amplitude_scale: float = 0.5    # each perturbed amplitude times exp(this * N(0, 1))
     randconv_per: str = "image"     # image: each image its own kernel | batch: one kernel, the batch clean w.p. 1 - randconv (official)
     dg_output: str = "unit"         # unit: random-conv outputs as made | matched: moved to each clean image's mean/std per channel
-    dg_ramp: float = 0.0            # fraction of all steps over which the DG_FIELDS augmentations ramp up from 0 (0 = off)
+    dg_ramp: float = 0.0            # fraction of all steps over which the cross-domain augmentations ramp up from 0 (0 = off)
     consistency: float = 0.0        # weight of the Jensen-Shannon consistency across augmented views (AugMix); 0 = one view, no extra cost
     views: int = 2                  # augmented views per image when --consistency > 0: each extra view costs one more forward/backward
-    consistency_clean: bool = False # AugMix: view 0 without the DG_FIELDS augmentations, cross-entropy on it alone, JSD over all
+    consistency_clean: bool = False # view 0 without the cross-domain augmentations, cross-entropy on it alone, JSD over all
+    consistency_geometry: str = "independent"  # independent: each view its own warp and colour | shared: one per image, as AugMix
+    mixstyle: float = 0.0           # probability per batch of MixStyle after the first two stages: feature statistics mixed across images
+    mixstyle_alpha: float = 0.1     # MixStyle's mixing weight ~ Beta(alpha, alpha) (the paper's 0.1)
+    swa: float = 0.0                # >0: average the weights over this last fraction of the steps (SWA/SWAD-style, swa_utils)
     # cross-domain
-    tta: str = "none"               # none | bn | tent | bn,tent: test-time adaptation to each unlabelled target test set, reported apart (test_tta)
+    tta: str = "none"               # none, or a comma list of bn | tent | shot | t3a: test-time adaptation to each unlabelled target set, reported apart
     tent_lr: float = 1e-3           # Tent's SGD lr (momentum 0.9) on the BN affine parameters (Tent's digit setting)
-    tent_batch: int = 128           # Tent's online batch: each batch is predicted, then one entropy step
+    tent_batch: int = 128           # Tent's and SHOT-IM's batch: each batch is predicted, then one step
+    shot_lr: float = 1e-3           # SHOT-IM's SGD lr (momentum 0.9) on the BN affine parameters
+    t3a_filter: int = 100           # T3A: supports kept per class (the lowest-entropy ones)
     dev_images: int = 10_000        # cap per dev domain (stratified): a 0.01-point resolution, seconds to evaluate
     # runtime
     seed: int = 0                   # model init, batch order, augmentation and the --train-subset draw; the val split stays fixed
@@ -111,25 +120,27 @@ class Config:
 
 
 AUGMENT_FIELDS = ("rotate", "shear", "translate", "crop_scale", "perspective", "jitter", "invert", "background",
-                  "randconv", "prorandconv")
+                  "randconv", "prorandconv", "amplitude")
 # The cross-domain augmentations: ramped by --dg-ramp, off in a clean view.
-DG_FIELDS = ("invert", "background", "randconv", "prorandconv")
+DG_FIELDS = ("invert", "background", "randconv", "prorandconv", "amplitude")
+TTA_METHODS = ("bn", "tent", "shot", "t3a")
 CHOICES = dict(dataset=("svhn", "mnist"), arch=("resnet18", "imagenet_resnet18"), norm=("batch", "none"),
                input_norm=("dataset", "image"), transfer_input=("upsample64", "upsample224", "stem3x3"),
                optimizer=("sgd", "adamw"), device=("auto", "cpu", "cuda"), amp=("auto", "bf16", "fp16", "off"),
-               tta=("none", "bn", "tent", "bn,tent"), prorandconv_per=("image", "batch"), randconv_per=("image", "batch"),
+               prorandconv_per=("image", "batch"), randconv_per=("image", "batch"),
                prorandconv_offsets=("white", "field"), prorandconv_padding=("border", "zeros"),
-               dg_output=("unit", "matched"))
+               dg_output=("unit", "matched"), consistency_geometry=("independent", "shared"))
 POSITIVE = ("epochs", "batch_size", "lr", "width", "warmup", "prorandconv_layers", "views", "prorandconv_field", "tent_lr",
-            "tent_batch", "dev_images")
+            "tent_batch", "dev_images", "amplitude_band", "amplitude_scale", "mixstyle_alpha", "shot_lr", "t3a_filter")
 NON_NEGATIVE = ("seed", "train_subset", "eval_subset", "weight_decay", "consistency", "rotate", "shear", "translate",
                 "crop_scale", "perspective", "jitter", "invert", "clip_grad", "prorandconv_offset", "prorandconv_affine")
 FRACTIONS = ("warmup", "momentum", "label_smoothing", "crop_scale", "jitter", "invert", "background", "randconv",
-             "prorandconv", "dg_ramp")
+             "prorandconv", "dg_ramp", "amplitude", "mixstyle", "swa")
 AT_MOST = dict(seed=(2**31 - 1, "it seeds numpy too"), rotate=(180, "degrees"), shear=(60, "degrees"),
                translate=(0.5, "of the image size"), perspective=(0.5, "of the image size"),
                width=(1024, "channels"), prorandconv_layers=(50, "layers"), views=(8, "views"),
-               prorandconv_offset=(4, "pixels"), prorandconv_field=(16, "pixels"))
+               prorandconv_offset=(4, "pixels"), prorandconv_field=(16, "pixels"),
+               amplitude_band=(0.5, "cycles per pixel"), amplitude_scale=(3, "log-gain"))
 
 
 def flag(field_name):
@@ -158,6 +169,9 @@ def check_fields(cfg):
     for key, (most, unit) in AT_MOST.items():
         if getattr(cfg, key) > most:
             raise UserError(f"{flag(key)} must be at most {most} ({unit}), got {getattr(cfg, key)}")
+    methods = cfg.tta.split(",")
+    if cfg.tta != "none" and not (set(methods) <= set(TTA_METHODS) and len(set(methods)) == len(methods)):
+        raise UserError(f"--tta must be none or a comma list of {', '.join(TTA_METHODS)} (each once), got {cfg.tta!r}")
     if not 0 < cfg.val_fraction <= 0.5:
         raise UserError(f"--val-fraction must be in (0, 0.5], got {cfg.val_fraction}: epochs are chosen on "
                         "validation, never on test, and most labelled images should train")
@@ -172,8 +186,10 @@ def check_combinations(cfg):
     if cfg.consistency_clean and not (cfg.consistency and any(getattr(cfg, k) for k in DG_FIELDS)):
         raise UserError(f"--consistency-clean anchors JSD on a view without {DG_FLAGS}: it needs --consistency > 0 "
                         "and one of them on")
-    if cfg.tta != "none" and cfg.norm == "none" and cfg.arch == "resnet18":
+    if set(cfg.tta.split(",")) - {"none", "t3a"} and cfg.norm == "none" and cfg.arch == "resnet18":
         raise UserError(f"--tta {cfg.tta} adapts BatchNorm layers: it needs --norm batch")
+    if cfg.mixstyle and cfg.arch != "resnet18":
+        raise UserError("--mixstyle mixes the feature statistics of our ResNet's stages: it needs --arch resnet18")
     if cfg.resume and cfg.restart:
         raise UserError("--resume continues the saved run and --restart discards it: pass one of them")
     base = {f.name: f.default for f in dataclasses.fields(Config)}  # Config's, not a script's subclass defaults
@@ -200,7 +216,13 @@ NEEDS = dict(
     randconv_per=(lambda cfg: cfg.randconv > 0, "--randconv > 0"),
     dg_output=(lambda cfg: cfg.randconv > 0 or cfg.prorandconv > 0, "--randconv or --prorandconv > 0"),
     dg_ramp=(lambda cfg: any(getattr(cfg, k) > 0 for k in DG_FIELDS), f"one of {DG_FLAGS} > 0"),
-    tent_lr=(lambda cfg: "tent" in cfg.tta, "--tta tent"), tent_batch=(lambda cfg: "tent" in cfg.tta, "--tta tent"),
+    tent_lr=(lambda cfg: "tent" in cfg.tta, "--tta tent"),
+    tent_batch=(lambda cfg: {"tent", "shot"} & set(cfg.tta.split(",")), "--tta tent or shot"),
+    shot_lr=(lambda cfg: "shot" in cfg.tta, "--tta shot"), t3a_filter=(lambda cfg: "t3a" in cfg.tta, "--tta t3a"),
+    amplitude_band=(lambda cfg: cfg.amplitude > 0, "--amplitude > 0"),
+    amplitude_scale=(lambda cfg: cfg.amplitude > 0, "--amplitude > 0"),
+    mixstyle_alpha=(lambda cfg: cfg.mixstyle > 0, "--mixstyle > 0"),
+    consistency_geometry=(lambda cfg: cfg.consistency > 0, "--consistency > 0"),
 )
 
 

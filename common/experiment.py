@@ -5,7 +5,7 @@
         model = new_model(run, data)            # new_model(run, data, source) starts from another run's model
         train(run, model, data)                 # fit(): the epoch is chosen on the source validation split
         results = test(run, model, data)        # every present digit domain, and the dev sets
-        results["test_tta"] = adapt(run, model, data)   # optional: each target domain on its own copy
+        results.update(adapt(run, model, data))  # --tta: each target and dev domain on its own copy
         finish(run, model, data, results)       # plots, model.pt, metrics.json; swapped in whole
 
 07, 08 and 09 write their own procedure with these verbs; launch(main, cfg) runs it as a process.
@@ -385,16 +385,19 @@ def test(run, model, data):
     return results
 
 
-def adapt(run, model, data, methods=None):
-    """{method: {domain: accuracy}}: each test-time adaptation (--tta) to each target domain's unlabelled test
-    split, each on its own copy of the model, beside (never instead of) the source-only numbers. Rank 0 only."""
+def adapt(run, model, data):
+    """{"test_tta": {method: {domain: accuracy}}, "dev_tta": ...}: each test-time adaptation (--tta) to each target
+    domain's unlabelled test split, and to each dev set (other domains' unlabelled train images: where a method
+    and its settings are chosen), each on its own copy of the model, beside (never instead of) the source-only
+    numbers. Rank 0 only; --tta none: empty."""
     if not run.main:
         return {}
-    methods = [m for m in (methods or run.cfg.tta).split(",") if m != "none"]
-    targets = [d for d in data.tests if d != run.cfg.dataset]
     cfg = run.cfg
-    return {m: {d: adapted_accuracy(model, *data.tests[d], m, run.precision, cfg.tent_lr, cfg.tent_batch) for d in targets}
-            for m in methods}
+    methods = [m for m in cfg.tta.split(",") if m != "none"]
+    targets = {d: split for d, split in data.tests.items() if d != cfg.dataset}
+    return {key: {m: {d: adapted_accuracy(model, *split, m, run.precision, cfg) for d, split in sets.items()}
+                  for m in methods}
+            for key, sets in (("test_tta", targets), ("dev_tta", data.dev))}
 
 
 def finish(run, model, data, results):
@@ -414,7 +417,7 @@ def finish(run, model, data, results):
         originals = data.train[0][:8]
         plot_augmented(originals / 255, [augment(originals, cfg, key) for key in range(4)], staging / "augmented.png")
     save_torch(staging / "model.pt", dict(config=dataclasses.asdict(cfg), model=run.progress.best_weights))
-    metrics = run.metrics("finished", **{"test_tta": {}, **results}, finished=now())
+    metrics = run.metrics("finished", **{"test_tta": {}, "dev_tta": {}, **results}, finished=now())
     write_json(staging / "metrics.json", metrics)
     (staging / "checkpoint.pt").unlink(missing_ok=True)
     swap_in(staging, run.out)
@@ -427,8 +430,10 @@ def print_result(run, metrics):
     dev = ", ".join(f"{datasets.TITLES[d]} {100 * v:.2f}%" for d, v in metrics["dev"].items())
     print(f"test (epoch {run.progress.best_epoch}, chosen on validation): {test} | dev (train files): {dev or '—'} | "
           f"{metrics['wall_time_s']:.0f}s on {metrics['device_name']} ({run.precision})")
-    for method, by_domain in metrics["test_tta"].items():
-        print(f"after --tta {method}: " + " | ".join(f"{datasets.TITLES[d]} {100 * v:.2f}%" for d, v in by_domain.items()))
+    for split in ("test", "dev"):
+        for method, by_domain in metrics[f"{split}_tta"].items():
+            print(f"{split} after --tta {method}: "
+                  + " | ".join(f"{datasets.TITLES[d]} {100 * v:.2f}%" for d, v in by_domain.items()))
     print(f"wrote {run.out}/: {' '.join(sorted(p.name for p in run.out.iterdir()))}")
 
 
@@ -441,7 +446,7 @@ def train_and_test(cfg, source=None, **provenance):
         model = new_model(run, data, source)
         train(run, model, data)
         results = test(run, model, data)
-        results["test_tta"] = adapt(run, model, data)  # --tta none: {}
+        results.update(adapt(run, model, data))  # --tta none: empty
         return finish(run, model, data, results)
 
 
@@ -466,13 +471,15 @@ def evaluate_saved(cfg):
     run.progress.best_weights = saved["model"]
     data = Data(None, None, *load_domains(built, device))
     results = test(run, model, data)
-    results["test_tta"] = adapt(run, model, data) if cfg.tta != "none" else {}
+    results.update(adapt(run, model, data))
     out = path.parent.with_name(path.parent.name + ".evaluation.json")
     write_json(out, dict(model=str(path), config=dataclasses.asdict(built), command="python " + shlex.join(sys.argv),
                          **environment(device, run.precision), skipped_domains=data.skipped, finished=now(), **results))
-    for domain, accuracy in results["test"].items():
-        adapted = "".join(f" | after --tta {m} {100 * r[domain]:.2f}%" for m, r in results["test_tta"].items() if domain in r)
-        print(f"{datasets.TITLES[domain]:8} test {100 * accuracy:.2f}%{adapted}")
+    for split in ("test", "dev"):
+        for domain, accuracy in results[split].items():
+            adapted = "".join(f" | after --tta {m} {100 * r[domain]:.2f}%"
+                              for m, r in results[f"{split}_tta"].items() if domain in r)
+            print(f"{datasets.TITLES[domain]:8} {split:4} {100 * accuracy:.2f}%{adapted}")
     print(f"wrote {out}")
     return results
 

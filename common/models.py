@@ -58,10 +58,35 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+class MixStyle(nn.Module):
+    """MixStyle (Zhou et al., ICLR 2021): in training, with probability p per batch, each image's feature maps are
+    re-styled with the channel mean and std mixed with those of another image of the batch, lambda ~ Beta(alpha,
+    alpha); the statistics are detached, as in the paper. The identity in eval mode. No parameters or buffers,
+    so a state dict is the same with or without it."""
+
+    def __init__(self, p=0.5, alpha=0.1):
+        super().__init__()
+        self.p, self.alpha = p, alpha
+
+    def forward(self, x, weight=None):
+        if not self.training or (weight is None and torch.rand(()).item() >= self.p):
+            return x
+        b = x.shape[0]
+        if weight is None:
+            weight = torch.distributions.Beta(self.alpha, self.alpha).sample((b, 1, 1, 1)).to(x.device)
+        features = x.float()  # statistics in fp32 under autocast
+        mean = features.mean((2, 3), keepdim=True).detach()
+        std = (features.var((2, 3), keepdim=True) + 1e-6).sqrt().detach()
+        other = torch.randperm(b, device=x.device)
+        mixed_mean = torch.lerp(mean[other], mean, weight)
+        mixed_std = torch.lerp(std[other], std, weight)
+        return ((features - mean) / std * mixed_std + mixed_mean).to(x.dtype)
+
+
 class ResNet(nn.Module):
     """ResNet with a 32x32 stem: one 3x3 conv, no max-pool, so the first stage runs at full resolution."""
 
-    def __init__(self, blocks_per_stage, num_classes=10, norm="batch", width=64):
+    def __init__(self, blocks_per_stage, num_classes=10, norm="batch", width=64, mixstyle=0.0, mixstyle_alpha=0.1):
         super().__init__()
         widths = [width * 2 ** i for i in range(len(blocks_per_stage))]
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=norm == "none"), norm_layer(norm, width), nn.ReLU())
@@ -71,18 +96,25 @@ class ResNet(nn.Module):
                 layers.append(BasicBlock(c_in, c_out, 2 if i > 0 and j == 0 else 1, norm))
                 c_in = c_out
         self.layers = nn.Sequential(*layers)
+        # MixStyle after the first two stages: early features hold style, late ones the class (the paper's choice)
+        self.mixstyle = MixStyle(mixstyle, mixstyle_alpha) if mixstyle else None
+        self.mix_after = {sum(blocks_per_stage[:1]) - 1, sum(blocks_per_stage[:2]) - 1}
         self.fc = nn.Linear(c_in, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
-        x = self.layers(self.stem(x))
+        x = self.stem(x)
+        for i, block in enumerate(self.layers):
+            x = block(x)
+            if self.mixstyle is not None and i in self.mix_after:
+                x = self.mixstyle(x)
         return self.fc(x.mean((2, 3)))  # adaptive_avg_pool2d's CUDA backward is not deterministic; a mean is
 
 
-def resnet18(num_classes=10, norm="batch", width=64):
-    return ResNet([2, 2, 2, 2], num_classes, norm, width)
+def resnet18(num_classes=10, norm="batch", width=64, mixstyle=0.0, mixstyle_alpha=0.1):
+    return ResNet([2, 2, 2, 2], num_classes, norm, width, mixstyle, mixstyle_alpha)
 
 
 class Normalize(nn.Module):
@@ -200,4 +232,4 @@ def build_model(cfg, mean, std, pretrained=True):
     if cfg.arch == "imagenet_resnet18":
         resize, net = imagenet_resnet18(cfg.transfer_input, cfg.weights, pretrained)
         return nn.Sequential(front, *resize, net)
-    return nn.Sequential(front, resnet18(10, cfg.norm, cfg.width))
+    return nn.Sequential(front, resnet18(10, cfg.norm, cfg.width, cfg.mixstyle, cfg.mixstyle_alpha))

@@ -176,7 +176,7 @@ def plot_augmented(originals, versions, path):
     axes = fig.subplots(len(originals), len(columns), squeeze=False)
     for i in range(len(originals)):
         for j, images in enumerate(columns):
-            axes[i, j].imshow(images[i].float().permute(1, 2, 0).cpu().numpy())
+            axes[i, j].imshow(images[i].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy())  # amplitude may overshoot
             axes[i, j].axis("off")
     axes[0, 0].set_title("original", fontsize=8)
     for j in range(1, len(columns)):

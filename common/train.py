@@ -251,6 +251,7 @@ class Progress:
     best_epoch: int = 0
     best_weights: dict = None                       # state dict of the epoch with the best validation accuracy
     elapsed: float = 0.0                            # wall seconds so far, across resumes
+    averaged: dict = None                           # --swa: the running weight average (AveragedModel's state dict)
 
     def add_epoch(self, record, step_losses, model):
         self.history.append(record)
@@ -275,16 +276,22 @@ def fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epo
                         "processes")
     step_model = distributed.wrap(model, x.device, cfg.sync_bn)
     step_model = torch.compile(step_model) if cfg.compile else step_model
+    averager = weight_average(model, progress) if cfg.swa else None
     for epoch in range(progress.epoch, cfg.epochs):
         start = time.perf_counter()
-        step_losses, train_acc = train_epoch(step_model, optimizer, schedule, scaler, cfg, train, epoch, precision)
-        val_loss, val_acc = distributed.from_main(evaluate(model, *val, precision)[:2] if distributed.is_main() else None)
+        step_losses, train_acc = train_epoch(step_model, optimizer, schedule, scaler, cfg, train, epoch, precision,
+                                             None if averager is None else lambda: averager.update_parameters(model))
+        # Once averaging has begun, the average is the model: validation scores it and the best epoch keeps it.
+        scored = averager.module if averager is not None and averager.n_averaged > 0 else model
+        val_loss, val_acc = distributed.from_main(evaluate(scored, *val, precision)[:2] if distributed.is_main() else None)
         if not math.isfinite(val_loss) or val_loss > DIVERGED_VAL_LOSS:
             raise blown_up(epoch + 1, None, val_loss, "validation loss")
         record = dict(epoch=epoch + 1, train_loss=sum(step_losses) / len(step_losses), train_acc=train_acc,
                       val_loss=val_loss, val_acc=val_acc, lr=schedule.get_last_lr()[0],
                       seconds=time.perf_counter() - start)
-        progress.add_epoch(record, step_losses, model)
+        progress.add_epoch(record, step_losses, scored)
+        if averager is not None:
+            progress.averaged = {k: v.detach().to("cpu", copy=True) for k, v in averager.state_dict().items()}
         if distributed.is_main():
             print(f"epoch {epoch + 1:>{len(str(cfg.epochs))}}/{cfg.epochs} | train {record['train_loss']:.3f} "
                   f"{100 * train_acc:.1f}% | val {val_loss:.3f} {100 * val_acc:.1f}% | "
@@ -293,8 +300,18 @@ def fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epo
     return progress
 
 
-def train_epoch(model, optimizer, schedule, scaler, cfg, train, epoch, precision):
-    """One seeded pass over the training images: (loss of every step, averaged over ranks; train accuracy)."""
+def weight_average(model, progress):
+    """--swa: torch's AveragedModel (an equal-weight running mean of the weights, BatchNorm statistics averaged
+    with them, so no extra pass over the data), continued from the checkpoint's average on --resume."""
+    averager = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+    if progress.averaged is not None:
+        averager.load_state_dict(progress.averaged)
+    return averager
+
+
+def train_epoch(model, optimizer, schedule, scaler, cfg, train, epoch, precision, average=None):
+    """One seeded pass over the training images: (loss of every step, averaged over ranks; train accuracy).
+    With `average` (--swa), every step in the last cfg.swa of training calls it: the weights join the average."""
     x, y = train
     world, rank = distributed.world_size(), distributed.rank()
     steps = steps_per_epoch(len(x), cfg.batch_size)
@@ -317,6 +334,8 @@ def train_epoch(model, optimizer, schedule, scaler, cfg, train, epoch, precision
         scaler.step(optimizer)
         scaler.update()
         schedule.step()
+        if average and epoch * steps + step + 1 > (1 - cfg.swa) * cfg.epochs * steps:
+            average()
         losses.append(loss.detach())
         correct += (logits.argmax(1) == yb).sum()
         # Reading the loss forces a device sync: every 10 steps, not every step. Averaged over ranks, so a NaN
