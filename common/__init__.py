@@ -4,8 +4,8 @@
 load_data, new_model, train, test, adapt, finish) and launch(main, cli(CONFIG)). Importing the package
 changes no global state.
 """
-from .config import AUGMENT_04, Config, cli
+from .config import AUGMENT_04, CROSS_DOMAIN, Config, cli
 from .errors import UserError
 from .experiment import launch, run
 
-__all__ = ["AUGMENT_04", "Config", "UserError", "cli", "launch", "run"]
+__all__ = ["AUGMENT_04", "CROSS_DOMAIN", "Config", "UserError", "cli", "launch", "run"]

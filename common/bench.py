@@ -12,7 +12,7 @@ divide by the cores both sides were given. Ratios mean something only on an idle
 measures what other processes use before and after, and says so when they load the CPU.
 """
 import argparse
-import importlib.util
+import dataclasses
 import multiprocessing
 import os
 import statistics
@@ -29,22 +29,21 @@ from torchvision.ops import deform_conv2d
 from torchvision.transforms import v2
 
 from .augment import deformable_convolution, deformable_taps
-from .config import AUGMENT_04, AUGMENT_FIELDS, Config, Parser
+from .config import AUGMENT_04, AUGMENT_FIELDS, CROSS_DOMAIN, Config, Parser
 from .errors import UserError
 from .models import build_model, flops_per_image, resnet18
 from .plumbing import keep_freed_memory, write_json
 from .results import environment
-from .train import autocast, batches, pick_device, pick_precision, to_input
+from .train import (autocast, batches, grad_scaler, loss_function, make_optimizer, pick_device, pick_precision, to_input,
+                    train_step)
 
 STACK = Config(**AUGMENT_04)
+RECIPE_07 = Config(dataset="mnist", label_smoothing=0.1, **AUGMENT_04, **CROSS_DOMAIN)  # 07's step, sizes aside
 
 
 def dg_stack():
-    """07's augmentation, read from its CONFIG (one source of truth): 04's stack plus the cross-domain ones."""
-    spec = importlib.util.spec_from_file_location("reverse_mnist", Path(__file__).resolve().parents[1] / "07_reverse_mnist.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return Config(**{k: getattr(script.CONFIG, k) for k in AUGMENT_FIELDS + ("prorandconv_layers",)})
+    """07's augmentation: 04's stack plus the cross-domain preset (config.CROSS_DOMAIN, which 07 uses)."""
+    return Config(**{k: getattr(RECIPE_07, k) for k in AUGMENT_FIELDS + ("prorandconv_layers",)})
 
 
 def dg_extras(cfg):
@@ -139,6 +138,33 @@ def train_steps(model, images, labels, batch_size, precision, channels_last):
         optimizer.step()
         total += loss.item()
     return total
+
+
+def matmul_rate(device, precision, size=2048, repeats=5, sync=lambda: None):
+    """The device's measured matrix-multiply rate (FLOP/s) in `precision` (autocast, as a run computes): the
+    ceiling a convolution network's step can approach."""
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    with autocast(device, precision):
+        seconds = timed(lambda: a @ b, repeats, sync)
+    return 2 * size ** 3 / seconds
+
+
+def recipe_step(s, steps=3):
+    """07's training step exactly as fit() runs it (train.train_step: two views, the recipe's augmentation, JSD,
+    clipping, the update), in the precision a run picks: (images/s, its FLOP/s, the matmul FLOP/s)."""
+    cfg = dataclasses.replace(RECIPE_07, width=s.width, batch_size=s.batch_size)
+    model = build_model(cfg, [0.5] * 3, [0.2] * 3).to(s.device, memory_format=torch.channels_last)
+    flops = 3 * flops_per_image(model) * cfg.views * cfg.batch_size  # backward ~ twice the forward
+    optimizer, scaler, loss_fn = make_optimizer(cfg, model), grad_scaler(s.device, s.precision), loss_function(cfg)
+    xb, yb = s.on_device[0][:cfg.batch_size], s.on_device[1][:cfg.batch_size]
+    model.train()
+
+    def run_steps():
+        for key in range(steps):
+            loss, _ = train_step(model, optimizer, scaler, cfg, xb, yb, key, loss_fn, s.precision)
+        loss.item()
+    seconds = s.timed(run_steps) / steps
+    return cfg.batch_size / seconds, flops / seconds, matmul_rate(s.device, s.precision, sync=s.sync)
 
 
 def rss_bytes():
@@ -348,6 +374,7 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
         step_data = s.on_device[0][:s.step_images], s.on_device[1][:s.step_images]
         compiled = s.timed(lambda: train_steps(model, *step_data, s.batch_size, s.precision, True))
     rows = make_rows(s, base, ours, compiled)
+    recipe_images, recipe_flops, matmul_flops = recipe_step(s)
     torchvision_mb, ours_mb, rss_mb = memory_row(scale=100 if quick else 1)
     rows.append(dict(name="memory", detail="4 datasets held: torchvision's uint8 (MNIST 28x28) vs ours uint8 (MNIST "
                      "32x32, grey once)", baseline=torchvision_mb, ours=ours_mb, unit="MiB", ratio=torchvision_mb / ours_mb,
@@ -357,7 +384,9 @@ def bench(device="auto", batch_size=128, images=1024, repeats=3, quick=False, co
                 images=len(s.data), dg_augment_share_of_train_step=dg_cost, dg_augmentation=dg_extras(dg_stack()),
                 batch_size=s.batch_size, cores=s.cores, threads=torch.get_num_threads(), process_rss_mib=rss_mb,
                 others_load_before=load_before, others_load_after=others_load(0.2 if quick else 1.0),
-                flops_g=model_flops(), rows=rows)
+                flops_g=model_flops(), rows=rows,
+                recipe_step=dict(images_per_s=recipe_images, gflops=recipe_flops / 1e9, matmul_gflops=matmul_flops / 1e9,
+                                 share_of_matmul=recipe_flops / matmul_flops, width=s.width, batch_size=s.batch_size))
 
 
 def table(result):
@@ -373,6 +402,11 @@ def table(result):
                  f"{result['process_rss_mib']:.0f} MiB")
     lines.append(f"the DG augmentation (07's: 04's stack + {result['dg_augmentation']}) per image costs "
                  f"{100 * result['dg_augment_share_of_train_step']:.1f}% of a train step's time")
+    step = result["recipe_step"]
+    lines.append(f"07's training step as fit() runs it (width {step['width']}, batch {step['batch_size']}, two views, "
+                 f"{result['precision']}): {step['images_per_s']:.1f} images/s, {step['gflops']:.1f} GFLOP/s = "
+                 f"{100 * step['share_of_matmul']:.0f}% of this device's measured {result['precision']} matmul rate "
+                 f"({step['matmul_gflops']:.0f} GFLOP/s)")
     lines.append("forward GFLOPs per image: " + ", ".join(f"{k} {v:.2f}" for k, v in result["flops_g"].items()))
     loads = [v for v in (result["others_load_before"], result["others_load_after"]) if v is not None]
     if loads:

@@ -11,6 +11,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import UserError
 
@@ -22,6 +23,18 @@ AUGMENT_04 = dict(
     crop_scale=0.25,  # keep 75-100% of the area: a tighter crop still shows the digit whole
     perspective=0.15, # street-view photos are taken at an angle
     jitter=0.3,       # brightness, contrast, saturation: lighting varies from house to house
+)
+
+# 07's cross-domain recipe, each part chosen on the dev domains (results/STUDY.md); 07 and the bench read it here.
+CROSS_DOMAIN = dict(
+    input_norm="image",      # each image by its own mean/std: a new domain's brightness and contrast carry no cue
+    background=0.5,          # MNIST's background is always black; MNIST-M's and SVHN's never are
+    prorandconv=0.75,        # new textures and colours on the same shapes
+    consistency=1.0,         # JSD between a clean view (the only one with cross-entropy) and the cross-domain view
+    consistency_clean=True,  # the clean view: every seed learns the digits from its first steps
+    dg_ramp=0.2,             # the cross-domain view ramps in over the first fifth of the steps
+    clip_grad=1.0,           # the first steps on strange textures otherwise swing the weights far
+    decay_norm_bias=False,   # weight decay on the convolution and linear weights only
 )
 
 
@@ -78,7 +91,7 @@ class Config:
     randconv_per: str = "image"     # image: each image its own kernel | batch: one kernel, the batch clean w.p. 1 - randconv (official)
     dg_output: str = "unit"         # unit: random-conv outputs as made | matched: moved to each clean image's mean/std per channel
     dg_ramp: float = 0.0            # fraction of all steps over which the cross-domain augmentations ramp up from 0 (0 = off)
-    consistency: float = 0.0        # weight of the Jensen-Shannon consistency across augmented views (AugMix); 0 = one view, no extra cost
+    consistency: float = 0.0        # weight of a Jensen-Shannon consistency across augmented views, each view its own warp (unlike AugMix) unless --consistency-geometry shared; 0 = one view
     views: int = 2                  # augmented views per image when --consistency > 0: each extra view costs one more forward/backward
     consistency_clean: bool = False # view 0 without the cross-domain augmentations, cross-entropy on it alone, JSD over all
     consistency_geometry: str = "independent"  # independent: each view its own warp and colour | shared: one per image, as AugMix
@@ -246,8 +259,42 @@ def field_docs(config_class):
                 group = section[1]
             match = re.match(r"\s+(\w+): \w+ = .*?(?:#\s*(.*))?$", line)
             if match:
-                docs[match[1]] = (group if cls is Config else f"{config_class.__name__} only", match[2] or "")
+                docs[match[1]] = (group if cls is Config else "this script only", match[2] or "")
     return docs
+
+
+def assignment_comments(path, opening):
+    """{field: comment} of the `field=value,  # why` lines of the block that opens with the line `opening`
+    (a script's `CONFIG = ` or a preset's `NAME = dict(`); a comment continued in the same column below it is
+    part of it."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, TypeError, ValueError):
+        return {}
+    comments, last, column = {}, None, None
+    for line in lines[next((i + 1 for i, l in enumerate(lines) if l.startswith(opening)), len(lines)):]:
+        field = re.match(r"\s+(\w+)=.*?,\s*(?:#\s*(.*))?$", line)
+        more = re.fullmatch(r"(\s+)#\s*(.*)", line)
+        if line.startswith(")"):
+            break
+        if field:
+            last, column = field[1], line.find("#")
+            comments[last] = field[2] or ""
+        elif more and last and len(more[1]) == column:
+            comments[last] = f"{comments[last]} {more[2]}".strip()
+        else:
+            last = None
+    return {k: v for k, v in comments.items() if v}
+
+
+def reasons_for(config, script_file):
+    """A script's own reason for each value it changes: its CONFIG comment, else the preset's (AUGMENT_04,
+    CROSS_DOMAIN) when it took the preset's value."""
+    reasons = {}
+    for name, preset in (("AUGMENT_04", AUGMENT_04), ("CROSS_DOMAIN", CROSS_DOMAIN)):
+        reasons.update({k: why for k, why in assignment_comments(__file__, f"{name} = dict(").items()
+                        if getattr(config, k, None) == preset[k]})
+    return {**reasons, **assignment_comments(script_file, "CONFIG = ")}
 
 
 class Parser(argparse.ArgumentParser):
@@ -270,22 +317,28 @@ def parse_number(kind):
     return parse
 
 
-def add_flag(group, f, default, why):
+def add_flag(group, f, help_text):
     names = [flag(f.name)] + ALIASES.get(f.name, [])
-    help_text = f"{why} (default: {default!r})".replace("%", "%%")
+    help_text = help_text.replace("%", "%%")
     if f.type is bool:
         group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+    elif f.name in CHOICES:  # shown as {a,b} and checked by argparse
+        group.add_argument(*names, dest=f.name, choices=CHOICES[f.name], help=help_text)
+    elif f.name == "tta":
+        group.add_argument(*names, dest=f.name, metavar="{none," + ",".join(TTA_METHODS) + "}[,...]", help=help_text)
     else:  # the annotation, not the default's type: rotate=15 in a script still takes --rotate 12.5
         kind = parse_number(f.type) if f.type in (int, float) else f.type
         group.add_argument(*names, dest=f.name, type=kind, metavar=f.name.upper(), help=help_text)
 
 
-def build_parser(config):
-    """Flags in groups; the first group is what this script changes from 01_base, so --help leads with it."""
-    main = sys.modules.get("__main__")
-    parser = Parser(description=getattr(main, "__doc__", None), formatter_class=argparse.RawDescriptionHelpFormatter,
+def build_parser(config, script=None):
+    """Flags in groups; the first group is what this script changes from 01_base, so --help leads with it, each
+    with the script's own reason for its value (its CONFIG comment) and 01's value beside the script's.
+    `script`: the globals of the script that called cli() (its docstring and file)."""
+    script = script or vars(sys.modules.get("__main__", sys))
+    parser = Parser(description=script.get("__doc__"), formatter_class=argparse.RawDescriptionHelpFormatter,
                     argument_default=argparse.SUPPRESS, usage="%(prog)s [--flag VALUE ...]  (flags by group below)")
-    docs = field_docs(type(config))
+    docs, reasons = field_docs(type(config)), reasons_for(config, script.get("__file__"))
     base = Config()
     fields = [f for f in dataclasses.fields(config) if f.name not in HIDDEN]
     changed = [f for f in fields if f.name not in dataclasses.asdict(base) or
@@ -297,13 +350,18 @@ def build_parser(config):
         group_name = "changed" if f in changed else docs.get(f.name, ("general", ""))[0]
         if group_name not in groups:
             groups[group_name] = parser.add_argument_group(group_name)
-        add_flag(groups[group_name], f, getattr(config, f.name), docs.get(f.name, ("", ""))[1])
+        value, why = getattr(config, f.name), docs.get(f.name, ("", ""))[1]
+        if f in changed and f.name in dataclasses.asdict(base):
+            why, default = reasons.get(f.name, why), f"default: {value!r}; 01_base: {getattr(base, f.name)!r}"
+        else:
+            default = f"default: {value!r}"
+        add_flag(groups[group_name], f, f"{why} ({default})".strip())
     return parser
 
 
 def cli(config, argv=None):
     """Parse flags over a script's CONFIG: only flags that were passed override it (dataclasses.replace)."""
-    parser = build_parser(config)
+    parser = build_parser(config, sys._getframe(1).f_globals)  # the calling script's docstring and file
     passed = vars(parser.parse_args(argv))
     name = passed.get("name", config.name)
     if name != config.name and re.match(r"\d\d_", name):

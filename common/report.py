@@ -4,6 +4,8 @@ One row per experiment: test accuracies as mean ± std over seeds (percent), the
 them, and where each number came from. Smoke (--quick) runs get their own table, never mixed with results.
 """
 import argparse
+import csv
+import shlex
 import sys
 from pathlib import Path
 
@@ -27,17 +29,25 @@ WRITEUP = {
     "07_reverse_mnist": (27.95, 99.01),
     "08_finetune_svhn": (31.89, None),
 }
-# Published cross-domain numbers (%), each with its protocol, shown beside ours. Not comparable one to one: the
-# papers train small ConvNets and test on the full test sets; our rows say what they trained and tested on.
-PUBLISHED = {
-    "MNIST -> SVHN": "single-source DG, the first 10,000 MNIST training images at 32x32, full test sets (SVHN 26,032), "
-                     "small ConvNets: ERM 27.8, M-ADA 42.6, RandConv 57.6 (Xu et al. 2021), PDEN 62.2, AugMix+JSD 63.9, "
-                     "SADA 68.5, AdvFrequency 73.6 (2024); Pro-RandConv (Choi et al. 2023; LeNet, 500 epochs, as quoted "
-                     "by a reproduction): SVHN 69.7, MNIST-M 82.3, USPS 93.7; the writeup's 07: SVHN 27.95",
-    "SVHN -> MNIST": "trained on all of SVHN train (73,257), full MNIST test: source-only 54.9-74.1 in the literature; "
-                     "with Tent on the unlabelled MNIST test set 87.5 (online) and 91.8 (offline) (Wang et al. 2021); "
-                     "the writeup's 01-06: 62.89-75.99",
-}
+# Published numbers beside ours, one row per method with its paper, backbone, budget, protocol and where the
+# numbers were read: a data file, cited row by row, not typed here.
+PUBLISHED_FILE = Path(__file__).resolve().parents[1] / "results" / "published.csv"
+
+
+def published(path=PUBLISHED_FILE):
+    """The rows of results/published.csv, accuracies (%) as floats (None where a paper gives none)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return []
+    return [{**r, **{d: float(r[d]) if r.get(d) else None for d in (*DOMAINS, "syn")}} for r in rows]
+
+
+def direction(dataset):
+    return f"{dataset.upper()}->"
+
+
 HEADER = ("| experiment | SVHN test % | MNIST test % | writeup SVHN | writeup MNIST | seeds | epochs | "
           "train images | wall time / seed | device | plots |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -137,19 +147,22 @@ def selection(full):
     return lines
 
 
-def adaptation(full):
-    """--tta: each target domain after adaptation, beside its source-only number; per seed, then the mean ± std
-    over seeds of each, and of the paired change (adapted - source-only, same model)."""
-    lines = ["", "## Test-time adaptation (a separate evaluation: every table above is source-only)", "",
+def adaptation(full, split="test"):
+    """--tta: each target domain (split "test") or dev set ("dev": where methods are chosen) after adaptation,
+    beside its source-only number; per seed, then the mean ± std over seeds of each, and of the paired change
+    (adapted - source-only, same model)."""
+    title = ("## Test-time adaptation (a separate evaluation: every table above is source-only)" if split == "test" else
+             "## Test-time adaptation on the dev sets (their unlabelled train images: where a method is chosen)")
+    lines = ["", title, "",
              "| experiment | seed | method | target | source-only % | after adaptation % | change (points) |",
              "|---|---|---|---|---|---|---|"]
     for name, runs in full.items():
         pairs = {}  # (method, domain) -> [(source-only, adapted)] over seeds
         for m in runs:
-            by_method = m.get("test_tta") if isinstance(m.get("test_tta"), dict) else {}
+            by_method = m.get(f"{split}_tta") if isinstance(m.get(f"{split}_tta"), dict) else {}
             for method, by_domain in by_method.items():
                 for domain, value in accuracies(by_domain).items():
-                    source_only = accuracies(m["test"]).get(domain)
+                    source_only = accuracies(m.get(split)).get(domain)
                     before, change = ("—", "—") if source_only is None else \
                         (f"{100 * source_only:.2f}", f"{100 * (value - source_only):+.2f}")
                     lines.append(f"| {name} | {m['config']['seed']} | {method} | {TITLES[domain]} | {before} | "
@@ -165,11 +178,48 @@ def adaptation(full):
     return lines if len(lines) > 5 else []
 
 
+PLACEHOLDERS = {"--data-dir": "<data>", "--results-dir": "<results-dir>"}
+
+
+def portable(command):
+    """A run's command as anyone can rerun it from the repository root: the data and results folders it named
+    (a machine's own paths) written as <data> and <results-dir>."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    out = []
+    for i, word in enumerate(words):
+        flag = word.split("=", 1)[0]
+        if flag in PLACEHOLDERS and "=" in word:
+            word = f"{flag}={PLACEHOLDERS[flag]}"
+        elif i and words[i - 1] in PLACEHOLDERS:
+            word = PLACEHOLDERS[words[i - 1]]
+        out.append(word)
+    return " ".join(w if w.startswith("<") else shlex.quote(w) for w in out)
+
+
 def provenance(full):
     lines = ["", "## Where each number came from", "", "| experiment | seed | device | command |", "|---|---|---|---|"]
     for name, runs in full.items():
         lines += [f"| {name} | {m['config']['seed']} | {m['device_name']} ({m['precision']}) | "
-                  f"`{m.get('command', '?')}` |" for m in runs]
+                  f"`{portable(m.get('command', '?'))}` |" for m in runs]
+    return lines
+
+
+def published_table(directions):
+    """The published rows of the directions these runs trained in, with their protocols and sources."""
+    rows = [r for r in published() if r["direction"] in directions]
+    if not rows:
+        return []
+    lines = ["", "## Published numbers beside ours (results/published.csv: each paper's protocol and source)", "",
+             table_header(["direction", "method", "paper, year", "backbone, budget", "protocol", "SVHN", "MNIST",
+                           "MNIST-M", "USPS", "SYN", "read from"])]
+    for r in rows:
+        cells = ["—" if r[d] is None else f"{r[d]:.2f}" for d in ("svhn", "mnist", "mnistm", "usps", "syn")]
+        lines.append(f"| {r['direction']} | {r['method']} | {r['paper']}, {r['year'] or '—'} | "
+                     f"{', '.join(x for x in (r['backbone'], r['budget']) if x) or '—'} | {r['protocol']} | "
+                     + " | ".join(cells) + f" | {r['source']} |")
     return lines
 
 
@@ -184,13 +234,13 @@ def collect(root):
     for path in finished_files(root, "*"):
         metrics, problem = read_metrics(path)
         if metrics is None:
-            skipped.append(f"{path}: {problem}")
+            skipped.append(f"{path.relative_to(root)}: {problem}")
         elif metrics.get("status") == "finished":
             profile = tuple(str(metrics["config"].get(k)) for k in PROFILE_FIELDS)
             found.setdefault(path.parent.parent.name, {}).setdefault(profile, []).append(metrics)
     for old in sorted(root.glob("*/seed-*.old")):
         if not old.with_suffix("").exists():  # seed-K.old without seed-K: a swap cut between its two renames
-            skipped.append(f"{old}: a swap cut between its renames; the next run of {old.parent.name} with "
+            skipped.append(f"{old.relative_to(root)}: a swap cut between its renames; the next run of {old.parent.name} with "
                            f"--seed {old.name[5:-4]} completes or undoes it")
     rows = {}
     for name, profiles in found.items():
@@ -204,9 +254,11 @@ def summary(results_dir, links=True):
     root = Path(results_dir)
     full, skipped = collect(root)
     quick, skipped_quick = collect(root / "quick")
+    skipped_quick = [f"quick/{line}" for line in skipped_quick]
     full, quick = dict(sorted(full.items())), dict(sorted(quick.items()))
     lines = ["# Results", "",
-             f"Generated by `python -m common.report` from `{root}/*/seed-*/metrics.json`. Test accuracy (%) of the",
+             "Generated by `python -m common.report --results-dir <results-dir>` from `<results-dir>/*/seed-*/metrics.json`. "
+             "Test accuracy (%) of the",
              "epoch chosen on validation, mean ± std over seeds (one seed: the value). `subset N` rows trained on",
              "N images only: they are not comparable with the writeup's full-SVHN numbers.", ""]
     lines += [HEADER] + [row(name, runs, "" if links else None) for name, runs in full.items()] if full else ["No finished runs yet."]
@@ -214,10 +266,8 @@ def summary(results_dir, links=True):
         lines += ["", "## Smoke runs (--quick: 256 images, 1 epoch; they test the code, not the method)", "", HEADER]
         lines += [row(name, runs, "quick/" if links else None) for name, runs in quick.items()]
     if full:
-        lines += selection(full) + cross_domain(full) + adaptation(full)
-        directions = {f"{runs[0]['config']['dataset'].upper()} -> {'MNIST' if runs[0]['config']['dataset'] == 'svhn' else 'SVHN'}"
-                      for runs in full.values()}
-        lines += ["", "Published, with their protocols:"] + [f"- {d}: {PUBLISHED[d]}" for d in PUBLISHED if d in directions]
+        lines += selection(full) + cross_domain(full) + adaptation(full, "dev") + adaptation(full)
+        lines += published_table({direction(runs[0]["config"]["dataset"]) for runs in full.values()})
         lines += provenance(full)
     missing = [name for name in WRITEUP if not any(n.split(" (")[0] == name for n in full)]
     if missing:
@@ -228,13 +278,17 @@ def summary(results_dir, links=True):
 
 
 COLOURS = dict(svhn="tab:blue", mnist="tab:orange", mnistm="tab:green", usps="tab:red")
+TTA_MARKERS = dict(bn="s", tent="^", shot="v", t3a="P")
 
 
 def plot_summary(full, path):
     """summary.png: every experiment's test accuracy on each domain, a dot per seed, the writeup's numbers as
-    black crosses; below, each target domain source-only (filled) beside after test-time adaptation (hollow)."""
+    black crosses; below, each target domain source-only (filled) beside after test-time adaptation (hollow),
+    then the published numbers of the same direction (results/published.csv) as diamonds."""
+    directions = {direction(runs[0]["config"]["dataset"]) for runs in full.values()}
+    papers = [r for r in published() if r["direction"] in directions and r["method"] != "the writeup's 07"]
     names = list(full)
-    fig = Figure(figsize=(max(7.0, 1.1 * len(names) + 2), 8.5))
+    fig = Figure(figsize=(max(7.0, 1.1 * (len(names) + len(papers)) + 2), 8.5))
     top, bottom = fig.subplots(2, 1)
     offsets = dict(zip(DOMAINS, (-0.24, -0.08, 0.08, 0.24)))
     for i, name in enumerate(names):
@@ -250,22 +304,29 @@ def plot_summary(full, path):
                 if domain == m["config"]["dataset"]:
                     continue
                 bottom.plot(i + offsets[domain], 100 * value, "o", color=COLOURS[domain], ms=5)
-                for method, marker in (("bn", "s"), ("tent", "^")):
+                for method, marker in TTA_MARKERS.items():
                     adapted = accuracies(by_method.get(method)).get(domain)
                     if adapted is not None:
                         bottom.plot(i + offsets[domain], 100 * adapted, marker, mfc="none", color=COLOURS[domain], ms=7)
+    for j, paper in enumerate(papers):
+        for domain in DOMAINS:
+            if paper[domain] is not None and not paper["direction"].startswith(domain.upper()):
+                bottom.plot(len(names) + j + offsets[domain], paper[domain], "D", mfc="none", color=COLOURS[domain], ms=6)
     handles = [top.plot([], [], "o", color=c, label=TITLES[d])[0] for d, c in COLOURS.items()]
     handles.append(top.plot([], [], "x", color="black", mew=2, label="writeup")[0])
     top.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     top.set(ylabel="test accuracy (%)", title="test accuracy per experiment (a dot per seed)", ylim=(0, 100))
-    extra = [bottom.plot([], [], "o", color="grey", label="source-only")[0],
-             bottom.plot([], [], "s", mfc="none", color="grey", label="after --tta bn")[0],
-             bottom.plot([], [], "^", mfc="none", color="grey", label="after --tta tent")[0]]
+    extra = [bottom.plot([], [], "o", color="grey", label="source-only")[0]]
+    extra += [bottom.plot([], [], marker, mfc="none", color="grey", label=f"after --tta {method}")[0]
+              for method, marker in TTA_MARKERS.items()]
+    if papers:
+        extra.append(bottom.plot([], [], "D", mfc="none", color="grey", label="published (its own protocol)")[0])
     bottom.legend(handles=extra, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     bottom.set(ylabel="test accuracy (%)", title="cross-domain: the domains each model never trained on", ylim=(0, 100))
-    for ax in (top, bottom):
-        ax.set_xlim(-0.6, len(names) - 0.4)
-        ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], rotation=30, ha="right", fontsize=7)
+    labels = [n.replace(" (", "\n(") for n in names]
+    for ax, ticks in ((top, labels), (bottom, labels + [f"{p['method']} ({p['year']})" for p in papers])):
+        ax.set_xlim(-0.6, len(ticks) - 0.4)
+        ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right", fontsize=7)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)

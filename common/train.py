@@ -309,6 +309,21 @@ def weight_average(model, progress):
     return averager
 
 
+def train_step(model, optimizer, scaler, cfg, xb, yb, key, loss_fn, precision):
+    """One optimizer step on a uint8 batch (augmented views, the loss, backward, clipping, the update): what
+    every run's training is made of, and what `python -m common.bench` times. Returns (loss, first view's logits),
+    on the device: reading them is the caller's sync."""
+    loss, logits = training_loss(model, xb, yb, cfg, key, loss_fn, precision)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.clip_grad:  # on the true gradients: unscaled first (a no-op unless fp16)
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits
+
+
 def train_epoch(model, optimizer, schedule, scaler, cfg, train, epoch, precision, average=None):
     """One seeded pass over the training images: (loss of every step, averaged over ranks; train accuracy).
     With `average` (--swa), every step in the last cfg.swa of training calls it: the weights join the average."""
@@ -325,14 +340,7 @@ def train_epoch(model, optimizer, schedule, scaler, cfg, train, epoch, precision
             xb, yb = xb.chunk(world)[rank], yb.chunk(world)[rank]
         key = augment_key(cfg.seed, epoch, step) * world + rank
         step_cfg = ramped(cfg, (epoch * steps + step) / (cfg.epochs * steps))
-        loss, logits = training_loss(model, xb, yb, step_cfg, key, loss_fn, precision)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.clip_grad:  # on the true gradients: unscaled first (a no-op unless fp16)
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
+        loss, logits = train_step(model, optimizer, scaler, step_cfg, xb, yb, key, loss_fn, precision)
         schedule.step()
         if average and epoch * steps + step + 1 > (1 - cfg.swa) * cfg.epochs * steps:
             average()

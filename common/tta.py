@@ -53,7 +53,7 @@ def entropy(logits):
 
 
 def tent(model, x, precision, lr=1e-3, batch_size=128):
-    """Online predictions of Tent over the stream x, in order."""
+    """(online predictions of Tent over the stream x, in order; the adapted copy after the last step)."""
     model = copy.deepcopy(model).train()
     optimizer = affine_optimizer(model, lr)
     preds = []
@@ -64,7 +64,7 @@ def tent(model, x, precision, lr=1e-3, batch_size=128):
         entropy(logits).mean().backward()
         optimizer.step()
         preds.append(logits.argmax(1).detach())
-    return torch.cat(preds)
+    return torch.cat(preds), model
 
 
 def information_maximization(logits):
@@ -126,5 +126,5 @@ def adapted_accuracy(model, x, y, method, precision, cfg):
     if method == "t3a":
         preds = t3a(model, x, precision, cfg.t3a_filter)
     else:
-        preds = tent(model, x, precision, cfg.tent_lr, cfg.tent_batch)
+        preds = tent(model, x, precision, cfg.tent_lr, cfg.tent_batch)[0]
     return (preds == y).float().mean().item()

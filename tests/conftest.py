@@ -93,8 +93,26 @@ def make_data_dir(root, n_train=600, n_test=200, extra_domains=False):
     return root
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fp32", action="store_true",
+                     help="compute in fp32 as on a CPU without native bf16 (AVX2 only), whatever this CPU has")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: subprocesses, torchrun, the bench; deselect with -m 'not slow'")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cpu_precision(request):
+    """--fp32: `--amp auto` picks fp32 in this process, as it does on a laptop without native bf16."""
+    if not request.config.getoption("--fp32"):
+        yield
+        return
+    import common.train
+    patch = pytest.MonkeyPatch()
+    patch.setattr(common.train, "cpu_has_native_bf16", lambda: False)
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +124,26 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def all_domains_dir(tmp_path_factory):
     return make_data_dir(tmp_path_factory.mktemp("all_domains"), n_train=300, n_test=100, extra_domains=True)
+
+
+@pytest.fixture(scope="session")
+def trained(data_dir):
+    """One small network trained once per session on the fixture's SVHN (fp32, 6 epochs of 320 images): the
+    tests that need a model that has learned something share it. Tests that change it work on a copy."""
+    import torch
+    from types import SimpleNamespace
+    from common import Config
+    from common.experiment import Run, load_data, new_model, seed_everything
+    from common.train import Progress, fit, make_optimizer, make_schedule
+    cfg = Config(width=8, epochs=6, batch_size=32, train_subset=320, amp="off", data_dir=str(data_dir))
+    seed_everything(cfg.seed)
+    run = Run(cfg, None, None, torch.device("cpu"), "fp32")
+    data = load_data(run)
+    model = new_model(run, data)
+    optimizer = make_optimizer(cfg, model)
+    progress = fit(model, optimizer, make_schedule(cfg, optimizer, len(data.train[1]) // cfg.batch_size), cfg,
+                   data.train, data.val, "fp32", Progress())
+    return SimpleNamespace(cfg=cfg, model=model.eval(), data=data, progress=progress)
 
 
 def run_script(script, *args, cwd=None, timeout=240):

@@ -2,6 +2,7 @@
 random-field offsets, a reference built from torchvision's deform_conv2d), RandConv's per-batch identity,
 matched outputs, the stabilizers, the clean-anchored JSD, and a DG recipe that trains on every seed."""
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -9,12 +10,13 @@ import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
 from common import Config
-from common.augment import (augment, draw, match, noise_texture, progressive_random_convolution, random_convolution,
-                            smooth_field, stream)
+from common.augment import (amplitude_perturbation, augment, draw, match, noise_texture, progressive_random_convolution,
+                            random_convolution, smooth_field, stream)
 from common.experiment import Run, load_data, new_model
-from common.train import (Progress, clean_view, fit, jensen_shannon, loss_function, make_optimizer, make_schedule,
+from common.train import (Progress, clean_view, evaluate, fit, jensen_shannon, loss_function, make_optimizer, make_schedule,
                           ramped, train_epoch, training_loss)
-from common.models import resnet18
+from common.models import MixStyle, resnet18
+from conftest import ROOT
 
 
 def images(n, seed=0):
@@ -177,16 +179,19 @@ def test_clean_anchored_consistency_is_cross_entropy_on_the_clean_view_plus_jsd_
     assert torch.equal(clean, augment(x, Config(rotate=10), 4))  # the clean view keeps the geometry
 
 
-REVERSE = Config(dataset="mnist", width=8, epochs=8, batch_size=32, train_subset=400, eval_subset=100, amp="off",
-                 label_smoothing=0.1, rotate=15, shear=10, translate=0.1, crop_scale=0.25, perspective=0.15, jitter=0.3,
-                 prorandconv=0.5, prorandconv_per="batch", prorandconv_offsets="field", clip_grad=1.0, dg_ramp=0.2,
-                 consistency=1.0, consistency_clean=True, lr=0.05)  # 07's anchor: the clean view trains from step 1
+def reverse_recipe():
+    """07's CONFIG with only its sizes changed (network width, epochs, batch, images): the recipe itself, not a copy."""
+    spec = importlib.util.spec_from_file_location("reverse_mnist", ROOT / "07_reverse_mnist.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return dataclasses.replace(script.CONFIG, width=8, epochs=8, batch_size=32, train_subset=400, eval_subset=100,
+                               amp="off")
 
 
 @pytest.mark.slow  # 3 x 8 epochs of two views: ~50 s on 2 cores
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_dg_recipe_trains_above_the_majority_class_on_every_seed(data_dir, seed):
-    cfg = dataclasses.replace(REVERSE, data_dir=str(data_dir), seed=seed)
+    cfg = dataclasses.replace(reverse_recipe(), data_dir=str(data_dir), seed=seed)
     torch.manual_seed(seed)
     run = Run(cfg, None, None, torch.device("cpu"), "fp32")
     data = load_data(run)
@@ -196,3 +201,77 @@ def test_a_dg_recipe_trains_above_the_majority_class_on_every_seed(data_dir, see
                    data.train, data.val, "fp32", Progress())
     majority = torch.bincount(data.val[1]).max().item() / len(data.val[1])
     assert progress.best_val_acc > majority + 0.25, (seed, progress.best_val_acc, majority)
+
+
+def test_amplitude_perturbation_keeps_the_phase_and_each_channels_mean():
+    x = images(8)
+    cfg = Config(amplitude=0.99999, amplitude_band=0.15, amplitude_scale=0.5)
+    out = amplitude_perturbation(x, 3, cfg)
+    spectrum, perturbed = torch.fft.fft2(x.double()), torch.fft.fft2(out.double())
+    turned = (perturbed * spectrum.conj()).angle()  # 0 where the phase is kept: it holds the shapes
+    assert turned[spectrum.abs() > 1e-6].abs().max() < 1e-4  # float32 rounding; a changed phase is O(1)
+    torch.testing.assert_close(out.mean((2, 3)), x.mean((2, 3)), atol=1e-5, rtol=0)   # the DC term
+    fy, fx = torch.fft.fftfreq(32).view(32, 1), torch.fft.fftfreq(32).view(1, 32)
+    high = (fy ** 2 + fx ** 2).sqrt() > 0.15
+    torch.testing.assert_close(perturbed.abs()[..., high], spectrum.abs()[..., high], atol=1e-4, rtol=1e-3)  # only low ones move
+    assert (perturbed.abs() - spectrum.abs()).abs().amax((1, 2, 3)).min() > 0.1        # every image's do
+    assert torch.equal(out, amplitude_perturbation(x, 3, cfg)) and not torch.equal(out, amplitude_perturbation(x, 4, cfg))
+    assert torch.equal(amplitude_perturbation(x, 3, Config(amplitude=0.0)), x)
+
+
+def test_mixstyle_with_weight_one_is_the_identity_and_zero_takes_anothers_statistics():
+    mix = MixStyle(p=1.0).train()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 3.0]).view(2, 1, 1, 1)
+    torch.testing.assert_close(mix(x, weight=torch.ones(2, 1, 1, 1)), x, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(1)  # randperm of 2: find a seed that swaps the pair
+    while torch.equal(torch.randperm(2), torch.arange(2)):
+        pass
+    state = torch.get_rng_state()
+    torch.manual_seed(1)
+    torch.set_rng_state(state)
+    other = mix(x, weight=torch.zeros(2, 1, 1, 1))
+    torch.set_rng_state(state)
+    permutation = torch.randperm(2)
+    torch.testing.assert_close(other.mean((2, 3)), x[permutation].mean((2, 3)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(other.std((2, 3), unbiased=False), x[permutation].std((2, 3), unbiased=False),
+                               atol=1e-3, rtol=1e-3)
+    assert torch.equal(mix.eval()(x), x)  # eval mode: the identity
+    network = resnet18(width=8, mixstyle=0.5)
+    assert network.state_dict().keys() == resnet18(width=8).state_dict().keys()  # no state: models load either way
+
+
+def test_shared_geometry_gives_every_view_view_zeros_warp_and_colour():
+    x = (images(8) * 255).to(torch.uint8)
+    geometry = dict(rotate=15, shear=10, translate=0.1, crop_scale=0.25, perspective=0.15, jitter=0.3)
+    shared = Config(**geometry, consistency=1.0, consistency_geometry="shared")
+    assert torch.equal(augment(x, shared, 7, view=1), augment(x, shared, 7, view=0))
+    assert not torch.equal(augment(x, Config(**geometry), 7, view=1), augment(x, Config(**geometry), 7, view=0))
+    cross = dataclasses.replace(shared, prorandconv=0.99999, prorandconv_layers=2)  # the cross-domain draws stay per view
+    assert not torch.equal(augment(x, cross, 7, view=1), augment(x, cross, 7, view=2))
+    assert torch.equal(augment(x, clean_view(cross), 7, view=0), augment(x, shared, 7, view=1))
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the recording wrapper
+def test_swa_averages_the_weights_of_its_last_steps_and_validation_scores_the_average():
+    torch.manual_seed(0)
+    x, y = (images(64) * 255).to(torch.uint8), torch.arange(64) % 10
+    cfg = Config(width=8, epochs=2, batch_size=16, swa=0.5, amp="off")
+    model = resnet18(width=8)
+    optimizer = make_optimizer(cfg, model)
+    schedule = make_schedule(cfg, optimizer, 4)
+    snapshots = []
+    real_step = optimizer.step
+
+    def step(*args, **kwargs):
+        real_step(*args, **kwargs)
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    optimizer.step = step
+    progress = fit(model, optimizer, schedule, cfg, (x, y), (x[:16], y[:16]), "fp32", Progress())
+    assert int(progress.averaged["n_averaged"]) == 4  # the last half: epoch 2's four steps
+    mean = torch.stack([s["fc.weight"] for s in snapshots[4:]]).mean(0)
+    torch.testing.assert_close(progress.averaged["module.fc.weight"], mean)
+    averaged = resnet18(width=8)
+    averaged.load_state_dict({k[len("module."):]: v for k, v in progress.averaged.items() if k.startswith("module.")})
+    assert progress.history[-1]["val_acc"] == evaluate(averaged, x[:16], y[:16], "fp32")[1]
+    if progress.best_epoch == 2:  # the chosen epoch's weights are the average
+        torch.testing.assert_close(progress.best_weights["fc.weight"], mean)

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import os
 import subprocess
@@ -11,7 +12,7 @@ from common import Config
 from common import experiment
 from common.experiment import Data, Run, input_stats, load_data, new_model, seed_everything
 from common.models import Normalize
-from common.train import Diverged, Progress, fit, loss_function, make_optimizer, make_schedule
+from common.train import Diverged, Progress, evaluate, fit, loss_function, make_optimizer, make_schedule
 from conftest import ROOT
 
 SMALL = Config(width=8, epochs=8, batch_size=32, train_subset=256, lr=0.1, amp="off")
@@ -33,9 +34,9 @@ def train_small(data_dir, **changes):
     return fit(model, optimizer, schedule, cfg, data.train, data.val, "fp32", Progress())
 
 
-def test_loss_falls_and_validation_improves_on_a_learnable_fixture(data_dir):
-    progress = train_small(data_dir)
-    assert len(progress.history) == 8 and len(progress.steps) == 8 * ((256 - 13) // 32)  # 13 of the 256 validate
+def test_loss_falls_and_validation_improves_on_a_learnable_fixture(trained):
+    progress = trained.progress
+    assert len(progress.history) == 6 and len(progress.steps) == 6 * ((320 - 16) // 32)  # 16 of the 320 validate
     assert progress.history[-1]["train_loss"] < 0.7 * progress.history[0]["train_loss"]
     assert progress.best_val_acc > 0.5  # chance is 0.1
     best = max(h["val_acc"] for h in progress.history)
@@ -43,7 +44,7 @@ def test_loss_falls_and_validation_improves_on_a_learnable_fixture(data_dir):
 
 
 def test_same_seed_gives_identical_history(data_dir):
-    runs = [train_small(data_dir, epochs=2, seed=s) for s in (1, 1, 2)]
+    runs = [train_small(data_dir, epochs=1, seed=s, train_subset=128) for s in (1, 1, 2)]
     strip = [[{k: v for k, v in h.items() if k != "seconds"} for h in p.history] for p in runs]
     assert strip[0] == strip[1] and runs[0].steps == runs[1].steps
     assert runs[0].steps != runs[2].steps
@@ -125,6 +126,16 @@ class Recorder(torch.nn.Module):
     def forward(self, x):
         self.seen.append(x.detach().clone())
         return torch.zeros(len(x), 10) + self.weight
+
+
+def test_evaluation_uses_running_statistics_and_changes_no_buffer(trained):
+    model = copy.deepcopy(trained.model).train()  # evaluate() must put it in eval mode itself
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = trained.data.tests["svhn"]
+    _, accuracy, predictions = evaluate(model, x, y, "fp32")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # train mode would update them
+    _, _, alone = evaluate(model, x[:5], y[:5], "fp32")  # an image's prediction does not depend on its batch
+    assert torch.equal(alone, predictions[:5]) and accuracy > 0.5
 
 
 def test_evaluation_is_never_augmented():
