@@ -27,13 +27,14 @@ import torch
 
 from . import data as datasets, distributed, plumbing
 from .augment import augment
+from .config import Config
 from .errors import UserError
 from .models import build_model, imagenet_weights_file, set_input_stats
 from .plumbing import read_torch, run_lock, save_torch, staging_dir, swap_in, write_json
 from .results import (environment, load_checkpoint, plot_augmented, plot_confusion, plot_curves, restore_checkpoint,
                       run_dir, save_checkpoint, saved_epochs, write_history)
 from .train import (Diverged, Progress, configure_backends, evaluate, fit, grad_scaler, make_optimizer, make_schedule,
-                    pick_device, pick_precision, steps_per_epoch)
+                    pick_device, pick_precision, progress_bar, steps_per_epoch)
 from .tta import adapted_accuracy
 
 QUICK_IMAGES = 256
@@ -118,9 +119,16 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def print_config(cfg):
-    text = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v != "")
-    print(textwrap.fill(text, width=110, initial_indent="config: ", subsequent_indent="        "), flush=True)
+def print_config(cfg, out):
+    """What this run is, in a few lines: where it reads and writes, and what differs from 01_base's defaults
+    (metrics.json records every field)."""
+    base = dataclasses.asdict(Config())
+    said = ("name", "seed", "data_dir", "results_dir", "overrides")
+    changed = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()
+                       if k not in said and (v != base[k] if k in base else v))  # a script's own knobs: when on
+    print(f"{cfg.name}, seed {cfg.seed}: data {cfg.data_dir}, writing {out}")
+    print(textwrap.fill(changed or "none", width=110, initial_indent="differs from 01_base: ",
+                        subsequent_indent="    "), flush=True)
 
 
 @contextlib.contextmanager
@@ -148,7 +156,7 @@ def start(cfg, **provenance):
                               batchnorm_stats="synchronized" if distributed.synchronized_bn(device, cfg) else "per process",
                               **provenance)
         if run.main:
-            print_config(cfg)
+            print_config(cfg, out)
         seed_everything(cfg.seed)
         with recorded_failures(run):
             yield run
@@ -378,10 +386,10 @@ def test(run, model, data):
     model.load_state_dict(run.progress.best_weights)
     results = dict(test={}, confusion={}, dev={})
     for domain, (x, y) in data.tests.items():
-        _, results["test"][domain], predictions = evaluate(model, x, y, run.precision)
+        _, results["test"][domain], predictions = evaluate(model, x, y, run.precision, desc=f"test {datasets.TITLES[domain]}")
         results["confusion"][domain] = torch.bincount(y * 10 + predictions, minlength=100).view(10, 10).tolist()
     for domain, (x, y) in data.dev.items():
-        results["dev"][domain] = evaluate(model, x, y, run.precision)[1]
+        results["dev"][domain] = evaluate(model, x, y, run.precision, desc=f"dev {datasets.TITLES[domain]}")[1]
     return results
 
 
@@ -395,9 +403,12 @@ def adapt(run, model, data):
     cfg = run.cfg
     methods = [m for m in cfg.tta.split(",") if m != "none"]
     targets = {d: split for d, split in data.tests.items() if d != cfg.dataset}
-    return {key: {m: {d: adapted_accuracy(model, *split, m, run.precision, cfg) for d, split in sets.items()}
-                  for m in methods}
-            for key, sets in (("test_tta", targets), ("dev_tta", data.dev))}
+    jobs = [(key, m, d, split) for key, sets in (("test_tta", targets), ("dev_tta", data.dev)) for m in methods
+            for d, split in sets.items()]
+    results = {"test_tta": {m: {} for m in methods}, "dev_tta": {m: {} for m in methods}}
+    for key, method, domain, split in progress_bar(jobs, "test-time adaptation"):
+        results[key][method][domain] = adapted_accuracy(model, *split, method, run.precision, cfg)
+    return results
 
 
 def finish(run, model, data, results):

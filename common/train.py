@@ -147,15 +147,21 @@ def make_schedule(cfg, optimizer, steps_per_epoch):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(one_cycle, total=total, warmup=cfg.warmup))
 
 
+def progress_bar(iterable, desc, total=None):
+    """A transient tqdm bar on rank 0's terminal (none in logs or pipes: tqdm's disable=None), for every phase
+    that takes more than a few seconds; the permanent lines are printed apart."""
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=None if distributed.is_main() else True)
+
+
 @torch.inference_mode()
-def evaluate(model, x, y, precision, batch_size=None):
+def evaluate(model, x, y, precision, batch_size=None, desc="evaluate"):
     """(mean cross-entropy without smoothing, accuracy as a fraction, predictions) over a whole split."""
     # CPUs run small batches faster (caches): 07's ResNet-18 in bf16 on a 2-core AMD EPYC took 3.1 ms/image at
     # 128 against 3.6-4.5 at 512 (one timing script, two repeats); a GPU wants the large batch.
     batch_size = batch_size or (512 if x.device.type == "cuda" else 128)
     model.eval()
     loss, preds = torch.zeros((), device=x.device), []
-    for xb, yb in batches(x, y, batch_size):
+    for xb, yb in progress_bar(batches(x, y, batch_size), desc, total=-(-len(y) // batch_size)):
         with autocast(x.device, precision):
             logits = model(to_input(xb)).float()
         loss += F.cross_entropy(logits, yb, reduction="sum")
@@ -283,7 +289,8 @@ def fit(model, optimizer, schedule, cfg, train, val, precision, progress, on_epo
                                              None if averager is None else lambda: averager.update_parameters(model))
         # Once averaging has begun, the average is the model: validation scores it and the best epoch keeps it.
         scored = averager.module if averager is not None and averager.n_averaged > 0 else model
-        val_loss, val_acc = distributed.from_main(evaluate(scored, *val, precision)[:2] if distributed.is_main() else None)
+        val_loss, val_acc = distributed.from_main(evaluate(scored, *val, precision, desc="validation")[:2]
+                                                  if distributed.is_main() else None)
         if not math.isfinite(val_loss) or val_loss > DIVERGED_VAL_LOSS:
             raise blown_up(epoch + 1, None, val_loss, "validation loss")
         record = dict(epoch=epoch + 1, train_loss=sum(step_losses) / len(step_losses), train_acc=train_acc,
@@ -333,8 +340,8 @@ def train_epoch(model, optimizer, schedule, scaler, cfg, train, epoch, precision
     loss_fn = loss_function(cfg)
     model.train()
     losses, correct = [], torch.zeros((), device=x.device, dtype=torch.long)
-    bar = tqdm(batches(x, y, cfg.batch_size, epoch_generator(cfg.seed, epoch, x.device)), total=steps, leave=False,
-               desc=f"epoch {epoch + 1}", disable=None if distributed.is_main() else True)
+    bar = progress_bar(batches(x, y, cfg.batch_size, epoch_generator(cfg.seed, epoch, x.device)), f"epoch {epoch + 1}",
+                       total=steps)
     for step, (xb, yb) in enumerate(bar):
         if world > 1:  # this rank's slice of the global batch
             xb, yb = xb.chunk(world)[rank], yb.chunk(world)[rank]

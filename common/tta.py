@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import update_bn
 
 from .errors import UserError
-from .train import autocast, evaluate, to_input
+from .train import autocast, evaluate, progress_bar, to_input
 
 
 def batchnorms(model):
@@ -34,7 +34,7 @@ def adapt_batchnorm(model, x, precision, batch_size=512):
     cumulative average over the stream in order."""
     model = copy.deepcopy(model)
     with autocast(x.device, precision):
-        update_bn((to_input(xb) for xb in x.split(batch_size)), model)
+        update_bn((to_input(xb) for xb in progress_bar(x.split(batch_size), "BN statistics")), model)
     return model.eval()
 
 
@@ -57,7 +57,7 @@ def tent(model, x, precision, lr=1e-3, batch_size=128):
     model = copy.deepcopy(model).train()
     optimizer = affine_optimizer(model, lr)
     preds = []
-    for xb in x.split(batch_size):
+    for xb in progress_bar(x.split(batch_size), "tent"):
         with autocast(x.device, precision):
             logits = model(to_input(xb)).float()
         optimizer.zero_grad(set_to_none=True)
@@ -78,7 +78,7 @@ def shot(model, x, precision, lr=1e-3, batch_size=128):
     affine parameters with those statistics fixed (eval mode)."""
     model = adapt_batchnorm(model, x, precision)
     optimizer = affine_optimizer(model, lr)
-    for xb in x.split(batch_size):
+    for xb in progress_bar(x.split(batch_size), "shot"):
         with autocast(x.device, precision):
             logits = model(to_input(xb)).float()
         optimizer.zero_grad(set_to_none=True)
@@ -98,7 +98,7 @@ def t3a(model, x, precision, filter_k=100, batch_size=128):
     labels = torch.arange(len(supports), device=x.device)
     scores = entropy(supports @ fc.weight.float().T + fc.bias.float())
     preds = []
-    for xb in x.split(batch_size):
+    for xb in progress_bar(x.split(batch_size), "t3a"):
         with autocast(x.device, precision):
             model(to_input(xb))
         raw = features.pop()
@@ -120,9 +120,9 @@ def adapted_accuracy(model, x, y, method, precision, cfg):
     if method != "t3a" and not batchnorms(model):
         raise UserError(f"--tta {method} adapts BatchNorm layers, and this model has none (--norm none)")
     if method == "bn":
-        return evaluate(adapt_batchnorm(model, x, precision), x, y, precision)[1]
+        return evaluate(adapt_batchnorm(model, x, precision), x, y, precision, desc="bn: test")[1]
     if method == "shot":
-        return evaluate(shot(model, x, precision, cfg.shot_lr, cfg.tent_batch), x, y, precision)[1]
+        return evaluate(shot(model, x, precision, cfg.shot_lr, cfg.tent_batch), x, y, precision, desc="shot: test")[1]
     if method == "t3a":
         preds = t3a(model, x, precision, cfg.t3a_filter)
     else:
