@@ -13,9 +13,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from common import AUGMENT_04, Config, UserError, cli, launch
-from common.experiment import load_run_model, network_of, train_and_test
 from common.data import load
-from common.results import run_dir, write_sweep
+from common.experiment import load_run_model, network_of, train_and_test, write_sweep
+from common.lifecycle import run_dir
 
 
 @dataclass(frozen=True)

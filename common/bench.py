@@ -33,8 +33,8 @@ from .config import AUGMENT_04, AUGMENT_FIELDS, CROSS_DOMAIN, Config, Parser
 from .errors import UserError
 from .models import build_model, flops_per_image, resnet18
 from .plumbing import keep_freed_memory, write_json
-from .results import environment
-from .train import (autocast, batches, grad_scaler, loss_function, make_optimizer, pick_device, pick_precision, to_input,
+from .lifecycle import environment, pick_device, pick_precision
+from .training import (autocast, batches, grad_scaler, loss_function, make_optimizer, to_input,
                     train_step)
 
 STACK = Config(**AUGMENT_04)

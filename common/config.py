@@ -361,7 +361,10 @@ def build_parser(config, script=None):
 
 def cli(config, argv=None):
     """Parse flags over a script's CONFIG: only flags that were passed override it (dataclasses.replace)."""
-    parser = build_parser(config, sys._getframe(1).f_globals)  # the calling script's docstring and file
+    # The script's docstring and file: the module of its own Config subclass (07, 08), else the caller's (01-06, 09).
+    defined_in = sys.modules.get(type(config).__module__)
+    script = vars(defined_in) if type(config) is not Config and defined_in else sys._getframe(1).f_globals
+    parser = build_parser(config, script)
     passed = vars(parser.parse_args(argv))
     name = passed.get("name", config.name)
     if name != config.name and re.match(r"\d\d_", name):

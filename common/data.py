@@ -4,10 +4,12 @@ SVHN and MNIST are the study's two datasets: a missing file is downloaded throug
 temporary folder and moved into place only when complete, or the run stops with one line. MNIST-M and
 USPS are extra test domains: used when their files are present, skipped and named when not (no download).
 Files are read by structure (keys, shapes, dtype, label range), so honest subsets and test fixtures
-load; torchvision's checksums apply only to what it downloads.
+load; torchvision's checksums apply only to what it downloads. load_sets() assembles a run's Data: the
+source's labelled split, every present domain's test set and the dev sets.
 """
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +233,85 @@ def stratified_subset(labels, size, seed=0, what="subset"):
     shuffled = labels[perm]
     chosen = [perm[shuffled == c][: quota[c]] for c in range(len(counts))]
     return torch.cat(chosen).sort().values
+
+
+# --- a run's images: the source's labelled split, every present domain's test set, the dev sets ------------
+
+@dataclass
+class Data:
+    """A run's images, uint8 on its device, each split as (images, labels)."""
+    source_train: tuple
+    source_val: tuple   # carved from the source's labelled images: the only set that picks an epoch
+    test_sets: dict     # {domain: split}: the test split of every present domain, the source's included
+    dev_sets: dict      # {domain: split}: training files of other domains, never trained on: they choose recipes
+    skipped: dict       # {domain: where its files were looked for}: optional domains that are absent
+
+
+def labelled_split(labels, cfg):
+    """(train, val) indices into the training file. --train-subset N is the whole label budget: N images
+    drawn with the run's seed (so seeds resample which images are labelled), validation carved out of them.
+    Without it, validation is a fixed 5% of the file, the same for every run and seed."""
+    labelled = torch.arange(len(labels))
+    if cfg.train_subset:
+        labelled = stratified_subset(labels, cfg.train_subset, seed=cfg.seed, what="--train-subset")
+    train_pos, val_pos = split_train_val(len(labelled), cfg.val_fraction)
+    if len(train_pos) == 0:
+        raise UserError(f"--train-subset {len(labelled)} leaves no training image after the validation split")
+    return labelled[train_pos], labelled[val_pos]
+
+
+def capped(split, cap, device):
+    """A stratified subset of at most `cap` images (0: all), moved to the device."""
+    x, y = split
+    keep = stratified_subset(y, cap) if 0 < cap < len(y) else slice(None)
+    return x[keep].to(device), y[keep].to(device)
+
+
+def dev_domains(source):
+    """Selection domains: every other domain's training file, but never SVHN's when SVHN is not the source:
+    SVHN is the held-out domain of the MNIST-trained models and informs no choice."""
+    return [d for d in DOMAINS if d not in (source, "svhn")]
+
+
+def load_domains(cfg, device, announce=True):
+    """(test sets, dev sets, skipped): the test split of every present domain, the dev sets of cfg.dataset, and
+    the optional domains whose files are absent, named with where they were looked for (printed once)."""
+    tests, dev, skipped = {}, {}, {}
+    for domain in DOMAINS:
+        test_split = load(domain, "test", cfg.data_dir)
+        if test_split is None:
+            skipped[domain] = where(domain, cfg.data_dir)
+            continue
+        tests[domain] = capped(test_split, cfg.eval_subset, device)
+        dev_split = load(domain, "train", cfg.data_dir) if domain in dev_domains(cfg.dataset) else None
+        if dev_split is not None:
+            dev[domain] = capped(dev_split, min(cfg.eval_subset or cfg.dev_images, cfg.dev_images), device)
+    if skipped and announce:
+        print("skipped domains (files absent): " + "; ".join(f"{TITLES[d]} ({w})" for d, w in skipped.items()))
+    return tests, dev, skipped
+
+
+def input_stats(images):
+    """Per-channel mean and std of the training split (a 10k sample is exact to 3 decimals)."""
+    sample = images[:10_000].float() / 255
+    return sample.mean((0, 2, 3)).tolist(), sample.std((0, 2, 3)).clamp(min=1e-3).tolist()
+
+
+def load_sets(cfg, device, announce=True):
+    """Data of cfg on the device: the source's train/val split (--train-subset, --val-fraction), the test split of
+    every present domain and the dev sets; --eval-subset caps validation, test and dev sets."""
+    x, y = load(cfg.dataset, "train", cfg.data_dir)
+    train_idx, val_idx = labelled_split(y, cfg)
+    if cfg.eval_subset:
+        val_idx = val_idx[stratified_subset(y[val_idx], min(cfg.eval_subset, len(val_idx)))]
+    return Data((x[train_idx].to(device), y[train_idx].to(device)), (x[val_idx].to(device), y[val_idx].to(device)),
+                *load_domains(cfg, device, announce))
+
+
+def sizes(data, cfg):
+    """What metrics.json records of a run's data: the label budget, each set's size, what chose what."""
+    return dict(labels_used=len(data.source_train[1]) + len(data.source_val[1]), skipped_domains=data.skipped,
+                selection=dict(epoch=f"{cfg.dataset} validation split", recipe=sorted(data.dev_sets)),
+                data=dict(train=len(data.source_train[1]), val=len(data.source_val[1]),
+                          **{f"dev_{k}": len(v[1]) for k, v in data.dev_sets.items()},
+                          **{f"test_{k}": len(v[1]) for k, v in data.test_sets.items()}))

@@ -13,10 +13,9 @@ import numpy as np
 
 from .config import Parser
 from .data import DOMAINS, TITLES
+from .plots import plot_summary
 from .plumbing import write_text
-from matplotlib.figure import Figure
-
-from .results import PROFILE_FIELDS, finished_files, read_metrics, save_figure
+from .results import PROFILE_FIELDS, accuracies, finished_files, number, read_metrics
 
 # The writeup's test accuracies (%) in ../shared/seeds/: (SVHN, MNIST); None where it gives none.
 WRITEUP = {
@@ -81,15 +80,6 @@ def row(name, runs, link_root):
             f"| {writeup[0]} | {writeup[1]} | {len(runs)} | {joined(c['epochs'] for c in configs)} | {images} "
             f"| {duration(np.mean([m['wall_time_s'] for m in runs]))} "
             f"| {joined(m['device_name'] + ' (' + m['precision'] + ')' for m in runs)} | {plots} |")
-
-
-def number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def accuracies(mapping):
-    """{domain: accuracy} of a metrics.json field, keeping numbers only (a foreign or garbled field gives {})."""
-    return {d: v for d, v in mapping.items() if d in DOMAINS and number(v)} if isinstance(mapping, dict) else {}
 
 
 def unseen_mean(metrics):
@@ -277,61 +267,6 @@ def summary(results_dir, links=True):
     return "\n".join(lines) + "\n"
 
 
-COLOURS = dict(svhn="tab:blue", mnist="tab:orange", mnistm="tab:green", usps="tab:red")
-TTA_MARKERS = dict(bn="s", tent="^", shot="v", t3a="P")
-
-
-def plot_summary(full, path):
-    """summary.png: every experiment's test accuracy on each domain, a dot per seed, the writeup's numbers as
-    black crosses; below, each target domain source-only (filled) beside after test-time adaptation (hollow),
-    then the published numbers of the same direction (results/published.csv) as diamonds."""
-    directions = {direction(runs[0]["config"]["dataset"]) for runs in full.values()}
-    papers = [r for r in published() if r["direction"] in directions and r["method"] != "the writeup's 07"]
-    names = list(full)
-    fig = Figure(figsize=(max(7.0, 1.1 * (len(names) + len(papers)) + 2), 8.5))
-    top, bottom = fig.subplots(2, 1)
-    offsets = dict(zip(DOMAINS, (-0.24, -0.08, 0.08, 0.24)))
-    for i, name in enumerate(names):
-        for m in full[name]:
-            for domain, value in accuracies(m["test"]).items():
-                top.plot(i + offsets[domain], 100 * value, "o", color=COLOURS[domain], alpha=0.8, ms=5)
-        for domain, value in zip(("svhn", "mnist"), WRITEUP.get(name.split(" (")[0], (None, None))):
-            if value is not None:
-                top.plot(i + offsets[domain], value, "x", color="black", ms=8, mew=2)
-        for m in full[name]:
-            by_method = m.get("test_tta") if isinstance(m.get("test_tta"), dict) else {}
-            for domain, value in accuracies(m["test"]).items():
-                if domain == m["config"]["dataset"]:
-                    continue
-                bottom.plot(i + offsets[domain], 100 * value, "o", color=COLOURS[domain], ms=5)
-                for method, marker in TTA_MARKERS.items():
-                    adapted = accuracies(by_method.get(method)).get(domain)
-                    if adapted is not None:
-                        bottom.plot(i + offsets[domain], 100 * adapted, marker, mfc="none", color=COLOURS[domain], ms=7)
-    for j, paper in enumerate(papers):
-        for domain in DOMAINS:
-            if paper[domain] is not None and not paper["direction"].startswith(domain.upper()):
-                bottom.plot(len(names) + j + offsets[domain], paper[domain], "D", mfc="none", color=COLOURS[domain], ms=6)
-    handles = [top.plot([], [], "o", color=c, label=TITLES[d])[0] for d, c in COLOURS.items()]
-    handles.append(top.plot([], [], "x", color="black", mew=2, label="writeup")[0])
-    top.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    top.set(ylabel="test accuracy (%)", title="test accuracy per experiment (a dot per seed)", ylim=(0, 100))
-    extra = [bottom.plot([], [], "o", color="grey", label="source-only")[0]]
-    extra += [bottom.plot([], [], marker, mfc="none", color="grey", label=f"after --tta {method}")[0]
-              for method, marker in TTA_MARKERS.items()]
-    if papers:
-        extra.append(bottom.plot([], [], "D", mfc="none", color="grey", label="published (its own protocol)")[0])
-    bottom.legend(handles=extra, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    bottom.set(ylabel="test accuracy (%)", title="cross-domain: the domains each model never trained on", ylim=(0, 100))
-    labels = [n.replace(" (", "\n(") for n in names]
-    for ax, ticks in ((top, labels), (bottom, labels + [f"{p['method']} ({p['year']})" for p in papers])):
-        ax.set_xlim(-0.6, len(ticks) - 0.4)
-        ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right", fontsize=7)
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
 def main(argv=None):
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", default="results", help="where the runs are (default: results)")
@@ -346,7 +281,9 @@ def main(argv=None):
         root = Path(args.results_dir)
         runs = dict(sorted(collect(root)[0].items())) or dict(sorted(collect(root / "quick")[0].items()))  # smoke runs alone
         if runs:
-            plot_summary(runs, out.with_suffix(".png"))
+            directions = {direction(r[0]["config"]["dataset"]) for r in runs.values()}
+            papers = [r for r in published() if r["direction"] in directions and r["method"] != "the writeup's 07"]
+            plot_summary(runs, WRITEUP, papers, out.with_suffix(".png"))
     except OSError as e:
         sys.exit(f"error: cannot write {out} ({e.strerror or type(e).__name__})")
     print(text + f"\nwrote {out}" + (f" and {out.with_suffix('.png')}" if runs else ""))

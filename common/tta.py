@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import update_bn
 
 from .errors import UserError
-from .train import autocast, evaluate, progress_bar, to_input
+from .training import autocast, evaluate, progress_bar, to_input
 
 
 def batchnorms(model):

@@ -108,9 +108,11 @@ def cpu_precision(request):
     if not request.config.getoption("--fp32"):
         yield
         return
-    import common.train
+    import common.lifecycle
+    real = common.lifecycle.pick_precision
     patch = pytest.MonkeyPatch()
-    patch.setattr(common.train, "cpu_has_native_bf16", lambda: False)
+    patch.setattr(common.lifecycle, "pick_precision",
+                  lambda amp, device: "fp32" if amp == "auto" and device.type == "cpu" else real(amp, device))
     yield
     patch.undo()
 
@@ -133,16 +135,17 @@ def trained(data_dir):
     import torch
     from types import SimpleNamespace
     from common import Config
-    from common.experiment import Run, load_data, new_model, seed_everything
-    from common.train import Progress, fit, make_optimizer, make_schedule
+    from common.experiment import load_data, new_model
+    from common.lifecycle import Trial, seed_everything
+    from common.training import Progress, fit, make_optimizer, make_schedule
     cfg = Config(width=8, epochs=6, batch_size=32, train_subset=320, amp="off", data_dir=str(data_dir))
     seed_everything(cfg.seed)
-    run = Run(cfg, None, None, torch.device("cpu"), "fp32")
+    run = Trial(cfg, None, None, torch.device("cpu"), "fp32")
     data = load_data(run)
     model = new_model(run, data)
     optimizer = make_optimizer(cfg, model)
-    progress = fit(model, optimizer, make_schedule(cfg, optimizer, len(data.train[1]) // cfg.batch_size), cfg,
-                   data.train, data.val, "fp32", Progress())
+    progress = fit(model, optimizer, make_schedule(cfg, optimizer, len(data.source_train[1]) // cfg.batch_size), cfg,
+                   data.source_train, data.source_val, "fp32", Progress())
     return SimpleNamespace(cfg=cfg, model=model.eval(), data=data, progress=progress)
 
 

@@ -9,7 +9,7 @@ from torchvision.transforms import v2
 
 from common.bench import STACK, main, train_steps, v2_transform
 from common.models import resnet18
-from common.train import to_input
+from common.training import to_input
 
 
 def test_both_sides_see_the_same_images():

@@ -33,12 +33,31 @@ def test_invalid_config_in_code_is_rejected():
         Config(label_smoothing=1.5)
 
 
-def test_help_shows_why_comments(capsys):
+def test_help_shows_why_comments_01s_value_beside_the_scripts_and_every_choice(capsys):
     with pytest.raises(SystemExit):
         cli(BASE, ["--help"])
-    out = capsys.readouterr().out
-    assert "--batch-size" in out and "--no-augment" not in out
-    assert "peak of the one-cycle schedule (default: 0.05)" in out
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "peak of the one-cycle schedule (default: 0.05; 01_base: 0.1)" in out
+    assert "--batch-size BATCH_SIZE (default: 128)" in out
+    for choices in ("--input-norm {dataset,image}", "--norm {batch,none}", "--tta {none,bn,tent,shot,t3a}[,...]",
+                    "--consistency-geometry {independent,shared}", "--amp {auto,bf16,fp16,off}"):
+        assert choices in out
+
+
+def test_07s_help_gives_its_own_reasons_not_01s(capsys):
+    import importlib.util
+    import sys
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("reverse_mnist", ROOT / "07_reverse_mnist.py")
+    script = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit):
+        script.cli(script.CONFIG, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: ") and "07 · Reverse direction" in out  # 07's docstring, not the caller's
+    assert "(default: 7; 01_base: 15)" in out and "converge on full SVHN" not in out  # 01's reason for 15 epochs
+    assert "the first steps on strange textures otherwise swing the weights far (default: 1.0; 01_base: 0.0)" in out
+    assert "DG_FIELDS" not in out and "ReverseConfig" not in out  # no internal names
 
 
 def test_flag_types_come_from_the_annotations():
@@ -53,7 +72,10 @@ def test_flag_types_come_from_the_annotations():
                                   ["--val-fraction", "0.99"], ["--width", "0"], ["--rotate", "1000"],
                                   ["--name", "../elsewhere"], ["--name", "04_augmentation"], ["--resume", "--restart"],
                                   ["--tta", "bn", "--norm", "none"], ["--randconv", "1"], ["--prorandconv", "1"],
-                                  ["--prorandconv-layers", "0"], ["--consistency", "-1"], ["--tta", "tent,bn"],
+                                  ["--prorandconv-layers", "0"], ["--consistency", "-1"], ["--tta", "bn,bn"],
+                                  ["--tta", "shot,adabn"], ["--amplitude", "1"], ["--amplitude-band", "0.2"], ["--swa", "1"],
+                                  ["--mixstyle", "0.5", "--arch", "imagenet_resnet18"], ["--shot-lr", "0.1"],
+                                  ["--consistency-geometry", "shared"], ["--t3a-filter", "0"],
                                   ["--consistency", "1", "--views", "1", "--rotate", "5"], ["--consistency", "1"],
                                   ["--prorandconv-per", "pixel"], ["--prorandconv-offsets", "pink"],
                                   ["--clip-grad", "-1"], ["--dg-ramp", "1"], ["--prorandconv-field", "0"],
@@ -96,7 +118,7 @@ def test_help_groups_flags_and_leads_with_what_the_script_changes(capsys):
     assert {"data", "model", "optimization", "augmentation", "cross-domain", "runtime"} <= set(titles)
     changed = out.split(titles[0])[1].split(titles[1])[0]
     assert "--rotate" in changed and "--label-smoothing" in changed and "--lr" not in changed
-    assert "(default: 15)" in changed
+    assert "(default: 15; 01_base: 0.0)" in changed
 
 
 def test_flags_of_one_script_are_not_offered_by_another(capsys):

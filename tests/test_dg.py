@@ -12,8 +12,9 @@ from torchvision.ops import deform_conv2d
 from common import Config
 from common.augment import (amplitude_perturbation, augment, draw, match, noise_texture, progressive_random_convolution,
                             random_convolution, smooth_field, stream)
-from common.experiment import Run, load_data, new_model
-from common.train import (Progress, clean_view, evaluate, fit, jensen_shannon, loss_function, make_optimizer, make_schedule,
+from common.experiment import load_data, new_model
+from common.lifecycle import Trial
+from common.training import (Progress, clean_view, evaluate, fit, jensen_shannon, loss_function, make_optimizer, make_schedule,
                           ramped, train_epoch, training_loss)
 from common.models import MixStyle, resnet18
 from conftest import ROOT
@@ -193,13 +194,13 @@ def reverse_recipe():
 def test_a_dg_recipe_trains_above_the_majority_class_on_every_seed(data_dir, seed):
     cfg = dataclasses.replace(reverse_recipe(), data_dir=str(data_dir), seed=seed)
     torch.manual_seed(seed)
-    run = Run(cfg, None, None, torch.device("cpu"), "fp32")
+    run = Trial(cfg, None, None, torch.device("cpu"), "fp32")
     data = load_data(run)
     model = new_model(run, data)
     optimizer = make_optimizer(cfg, model)
-    progress = fit(model, optimizer, make_schedule(cfg, optimizer, len(data.train[1]) // cfg.batch_size), cfg,
-                   data.train, data.val, "fp32", Progress())
-    majority = torch.bincount(data.val[1]).max().item() / len(data.val[1])
+    progress = fit(model, optimizer, make_schedule(cfg, optimizer, len(data.source_train[1]) // cfg.batch_size), cfg,
+                   data.source_train, data.source_val, "fp32", Progress())
+    majority = torch.bincount(data.source_val[1]).max().item() / len(data.source_val[1])
     assert progress.best_val_acc > majority + 0.25, (seed, progress.best_val_acc, majority)
 
 

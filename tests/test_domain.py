@@ -13,8 +13,8 @@ from torchvision.ops import deform_conv2d
 from common.augment import (augment, deformable_convolution, deformable_taps, progressive_random_convolution,
                             random_convolution)
 from common.models import build_model, resnet18
-from common.train import jensen_shannon, loss_function, training_loss
-from common.train import evaluate
+from common.training import jensen_shannon, loss_function, training_loss
+from common.training import evaluate
 from common.tta import adapt_batchnorm, adapted_accuracy, entropy, information_maximization, shot, t3a, tent
 
 TENT_BATCH = 128  # tent()'s default batch
@@ -154,7 +154,7 @@ def shifted(split):
 
 
 def test_bn_adaptation_recovers_most_of_the_accuracy_lost_on_a_shifted_domain(trained):
-    model, (x, y) = trained.model, trained.data.tests["svhn"]
+    model, (x, y) = trained.model, trained.data.test_sets["svhn"]
     target, _ = shifted((x, y))
     clean, before = evaluate(model, x, y, "fp32")[1], evaluate(model, target, y, "fp32")[1]
     after = adapted_accuracy(model, target, y, "bn", "fp32", trained.cfg)
@@ -163,7 +163,7 @@ def test_bn_adaptation_recovers_most_of_the_accuracy_lost_on_a_shifted_domain(tr
 
 
 def test_tent_steps_lower_the_entropy_of_the_stream_and_touch_only_bn_affine_parameters(trained):
-    target, _ = shifted(trained.data.tests["svhn"])
+    target, _ = shifted(trained.data.test_sets["svhn"])
     _, frozen = tent(trained.model, target, "fp32", lr=0.0, batch_size=32)
     _, adapted = tent(trained.model, target, "fp32", lr=0.05, batch_size=32)
     frozen_params = dict(frozen.named_parameters())
@@ -193,7 +193,7 @@ def test_information_maximization_prefers_confident_and_diverse_predictions():
 def test_shot_adapts_a_copy_and_cannot_collapse_onto_a_few_classes(trained):
     model = trained.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    target, y = shifted(trained.data.tests["svhn"])
+    target, y = shifted(trained.data.test_sets["svhn"])
     adapted = shot(model, target, "fp32", lr=0.05, batch_size=32)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     changed = {k.rsplit(".", 1)[1] for k, v in adapted.state_dict().items() if not torch.equal(v, before[k])}
@@ -206,7 +206,7 @@ def test_shot_adapts_a_copy_and_cannot_collapse_onto_a_few_classes(trained):
 def test_t3a_predicts_online_with_prototypes_and_changes_nothing(trained):
     model = trained.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    x, y = trained.data.tests["svhn"]
+    x, y = trained.data.test_sets["svhn"]
     predictions = t3a(model, x, "fp32", filter_k=20, batch_size=32)
     assert predictions.shape == y.shape and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     source_only = evaluate(model, x, y, "fp32")[1]
@@ -259,7 +259,7 @@ def test_tta_adapts_to_each_target_and_dev_domain_beside_its_source_only_number(
     model = build_model(base, [0.0] * 3, [1.0] * 3, pretrained=False)
     model.load_state_dict(torch.load(tmp_path / "01_base/seed-0/model.pt", weights_only=True)["model"])
     from common.data import load
-    from common.experiment import capped
+    from common.data import capped
     for method in ("bn", "tent", "shot", "t3a"):
         assert set(metrics["test_tta"][method]) == {"mnist", "mnistm", "usps"}  # every target, not the source
         assert set(metrics["dev_tta"][method]) == set(metrics["dev"]) == {"mnist", "mnistm", "usps"}

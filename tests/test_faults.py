@@ -13,7 +13,7 @@ import scipy.io
 import torch
 
 from common import Config, UserError, data, run
-from common.train import one_cycle
+from common.training import one_cycle
 from conftest import ROOT, run_script
 
 SMALL = Config(width=8, epochs=1, train_subset=64, eval_subset=32)
@@ -81,8 +81,8 @@ def test_a_finite_blow_up_is_divergence_and_keeps_the_good_result(data_dir, tmp_
 def test_saved_epochs_are_never_discarded_unasked(data_dir, tmp_path):
     cfg = small(data_dir, tmp_path, epochs=2)
     staging = tmp_path / "01_base/seed-0.partial"
-    from common.results import save_checkpoint
-    from common.train import Progress
+    from common.lifecycle import save_checkpoint
+    from common.training import Progress
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     staging.mkdir(parents=True)
@@ -160,7 +160,7 @@ def test_bench_output_path_is_checked_before_the_work(tmp_path):
 
 def test_a_finite_validation_spike_is_not_divergence(data_dir, tmp_path, monkeypatch):
     # Seen on 554 SVHN images: early BN statistics put the validation loss near 2,000; the run recovers.
-    import common.train as train
+    import common.training as train
     real = train.evaluate
     monkeypatch.setattr(train, "evaluate", lambda *a, **k: (2000.0, *real(*a, **k)[1:]))
     run(small(data_dir, tmp_path, epochs=2))
@@ -174,7 +174,7 @@ def test_a_finite_validation_spike_is_not_divergence(data_dir, tmp_path, monkeyp
 
 def test_quick_keeps_the_sizes_and_epochs_passed_on_the_command_line():
     from common import cli
-    from common.experiment import resolve
+    from common.lifecycle import resolve
     assert (resolve(cli(Config(), ["--quick"])).epochs, resolve(cli(Config(), ["--quick"])).train_subset) == (1, 256)
     explicit = resolve(cli(Config(), ["--quick", "--epochs", "3", "--train-subset", "100"]))
     assert (explicit.epochs, explicit.train_subset, explicit.eval_subset) == (3, 100, 256)
@@ -192,8 +192,8 @@ def test_a_symlinked_seed_folder_is_written_through_and_kept(data_dir, tmp_path)
 
 
 def test_resume_refuses_another_process_count_or_other_images(data_dir, tmp_path):
-    from common.results import save_checkpoint
-    from common.train import Progress
+    from common.lifecycle import save_checkpoint
+    from common.training import Progress
     cfg = small(data_dir, tmp_path, epochs=2, resume=True)
     staging = tmp_path / "01_base/seed-0.partial"
     staging.mkdir(parents=True)

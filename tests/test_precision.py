@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common.train as train
+import common.lifecycle as lifecycle
 from common import Config, UserError
 from common.models import StridedPointwise, build_model, resnet18
-from common.train import autocast, configure_backends, grad_scaler, pick_precision
+from common.lifecycle import configure_backends, pick_precision
+from common.training import autocast, grad_scaler
 
 CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")
@@ -30,7 +31,7 @@ def cpu_flags(monkeypatch, tmp_path):
     def cpu(*flags):
         path = tmp_path / "cpuinfo"
         path.write_text(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse2 avx2 {' '.join(flags)}\n\n")
-        monkeypatch.setattr(train, "CPUINFO", str(path))
+        monkeypatch.setattr(lifecycle, "CPUINFO", str(path))
     return cpu
 
 

@@ -140,9 +140,9 @@ def test_bad_inputs_one_line_errors_and_results_intact(finished_run, tmp_path, c
 def test_resume_with_another_config_names_the_fields(finished_run, capsys):
     cfg, out, _ = finished_run
     out.with_name("seed-0.partial").mkdir()
-    from common.results import save_checkpoint
+    from common.lifecycle import save_checkpoint
     import torch
-    from common.train import Progress
+    from common.training import Progress
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=2)

@@ -84,8 +84,8 @@ def test_report_skips_and_names_broken_or_foreign_runs(tmp_path, capsys):
     write(tmp_path / "01_base/seed-2.partial/metrics.json", metrics(0.1, 0.1, 2))  # a staging folder: not a result
     text = summary(tmp_path)
     assert "| 01_base | 95.00 | 60.00 |" in text and "04_augmentation |" not in text
-    assert f"01_base/seed-1/metrics.json: finished, but lacks or garbles wall_time_s, test.mnist" in text
-    assert f"04_augmentation/seed-0/metrics.json: its config says 01_base/seed-0" in text
+    assert "01_base/seed-1/metrics.json: finished, but lacks or garbles wall_time_s, test.mnist" in text
+    assert "04_augmentation/seed-0/metrics.json: its config says 01_base/seed-0" in text
 
 
 def test_report_output_errors_are_one_line(tmp_path):
@@ -146,4 +146,4 @@ def test_a_swap_cut_between_its_renames_is_named_not_counted(tmp_path):
     write(tmp_path / "01_base/seed-1.partial/metrics.json", metrics(0.20, 0.20, 1))
     text = summary(tmp_path)
     assert "| 01_base | 95.00 | 60.00 | 90.31 | 62.89 | 1 |" in text
-    assert f"- 01_base/seed-1.old: a swap cut between its renames; the next run of 01_base with --seed 1" in text
+    assert "- 01_base/seed-1.old: a swap cut between its renames; the next run of 01_base with --seed 1" in text

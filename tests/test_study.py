@@ -11,7 +11,7 @@ import torch
 
 from common import Config, UserError, cli, launch, run
 from conftest import ROOT
-from common.experiment import labelled_split
+from common.data import labelled_split
 from common.models import StandardizeImage, build_model, flops_per_image
 from common.results import best_recipe
 

@@ -10,9 +10,11 @@ import torch.nn.functional as F
 
 from common import Config
 from common import experiment
-from common.experiment import Data, Run, input_stats, load_data, new_model, seed_everything
+from common.data import Data, input_stats
+from common.experiment import load_data, new_model
+from common.lifecycle import Trial, seed_everything
 from common.models import Normalize
-from common.train import Diverged, Progress, evaluate, fit, loss_function, make_optimizer, make_schedule
+from common.training import Diverged, Progress, evaluate, fit, loss_function, make_optimizer, make_schedule
 from conftest import ROOT
 
 SMALL = Config(width=8, epochs=8, batch_size=32, train_subset=256, lr=0.1, amp="off")
@@ -20,7 +22,7 @@ SMALL = Config(width=8, epochs=8, batch_size=32, train_subset=256, lr=0.1, amp="
 
 def bare_run(cfg):
     """A Run that writes nothing: for the verbs that only read and compute."""
-    return Run(cfg, out=None, staging=None, device=torch.device("cpu"), precision="fp32")
+    return Trial(cfg, out=None, staging=None, device=torch.device("cpu"), precision="fp32")
 
 
 def train_small(data_dir, **changes):
@@ -30,8 +32,8 @@ def train_small(data_dir, **changes):
     data = load_data(run)
     model = new_model(run, data)
     optimizer = make_optimizer(cfg, model)
-    schedule = make_schedule(cfg, optimizer, len(data.train[1]) // cfg.batch_size)
-    return fit(model, optimizer, schedule, cfg, data.train, data.val, "fp32", Progress())
+    schedule = make_schedule(cfg, optimizer, len(data.source_train[1]) // cfg.batch_size)
+    return fit(model, optimizer, schedule, cfg, data.source_train, data.source_val, "fp32", Progress())
 
 
 def test_loss_falls_and_validation_improves_on_a_learnable_fixture(trained):
@@ -64,7 +66,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(data_dir):
 
 
 def test_precision_is_bf16_only_where_native(monkeypatch):
-    import common.train as train
+    import common.lifecycle as train
     from common import UserError
     cpu = torch.device("cpu")
     monkeypatch.setattr(train, "native_bf16", lambda device: False)
@@ -107,12 +109,12 @@ def split(value, n):
 
 def test_normalization_statistics_come_from_the_train_split_only():
     cfg = Config(width=8, amp="off")
-    data = Data(train=split(51, 20), val=split(255, 20), tests={"svhn": split(200, 20)}, dev={"mnist": split(0, 20)},
+    data = Data(source_train=split(51, 20), source_val=split(255, 20), test_sets={"svhn": split(200, 20)}, dev_sets={"mnist": split(0, 20)},
                 skipped={})
     model = new_model(bare_run(cfg), data)
     normalize = next(m for m in model.modules() if isinstance(m, Normalize))
     assert torch.allclose(normalize.mean.flatten(), torch.full((3,), 0.2))  # 51 / 255: train alone
-    assert normalize.mean.flatten().tolist() == pytest.approx(input_stats(data.train[0])[0])
+    assert normalize.mean.flatten().tolist() == pytest.approx(input_stats(data.source_train[0])[0])
 
 
 class Recorder(torch.nn.Module):
@@ -131,7 +133,7 @@ class Recorder(torch.nn.Module):
 def test_evaluation_uses_running_statistics_and_changes_no_buffer(trained):
     model = copy.deepcopy(trained.model).train()  # evaluate() must put it in eval mode itself
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    x, y = trained.data.tests["svhn"]
+    x, y = trained.data.test_sets["svhn"]
     _, accuracy, predictions = evaluate(model, x, y, "fp32")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # train mode would update them
     _, _, alone = evaluate(model, x[:5], y[:5], "fp32")  # an image's prediction does not depend on its batch
@@ -141,8 +143,8 @@ def test_evaluation_uses_running_statistics_and_changes_no_buffer(trained):
 def test_evaluation_is_never_augmented():
     heavy = Config(rotate=90, jitter=0.9, invert=0.9, prorandconv=0.9, randconv=0.9, amp="off")
     images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
-    data = Data(train=None, val=None, tests={"svhn": (images, torch.zeros(12, dtype=torch.long))},
-                dev={"mnist": (images, torch.arange(12) % 10)}, skipped={})
+    data = Data(source_train=None, source_val=None, test_sets={"svhn": (images, torch.zeros(12, dtype=torch.long))},
+                dev_sets={"mnist": (images, torch.arange(12) % 10)}, skipped={})
     run = bare_run(heavy)
     model = Recorder()
     run.progress.best_weights = model.state_dict()

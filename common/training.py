@@ -2,7 +2,6 @@
 import copy
 import functools
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -18,63 +17,10 @@ from .config import DG_FIELDS
 from .errors import UserError
 
 
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but torch sees no CUDA device")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-CPUINFO = "/proc/cpuinfo"  # a module constant so that tests can point it at another CPU's answers
-
-
-def cpu_has_native_bf16():
-    """AVX512-BF16 or AMX (x86), or the bf16 extension (Arm): bf16 matmuls in hardware. Plain AVX-512 only
-    emulates them, slower than fp32, so it does not count."""
-    try:
-        with open(CPUINFO) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
-
-
-def native_bf16(device):
-    """torch.cuda.is_bf16_supported() is True on pre-Ampere cards too (it counts emulation): ask the capability."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    return cpu_has_native_bf16()
-
-
-def pick_precision(amp, device):
-    """bf16 autocast where the hardware runs bf16 natively; fp16 autocast with a GradScaler on older CUDA
-    cards (T4, V100: tensor cores do fp16 only); fp32 elsewhere. The speed-up: README "Speed"."""
-    if amp == "bf16" and not native_bf16(device):
-        hint = "--amp fp16 (compute capability < 8.0)" if device.type == "cuda" else "--amp off"
-        raise UserError(f"--amp bf16: this {device.type} has no native bf16; use {hint}")
-    if amp == "auto":
-        return "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
-    return "fp32" if amp == "off" else amp
-
-
 def grad_scaler(device, precision):
     """fp16's narrow range underflows small gradients: scale the loss up, unscale before the step. A no-op
     unless fp16."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-
-def configure_backends(device, deterministic):
-    """cuDNN autotuning on (our shapes never change) unless deterministic kernels are asked for; returns what
-    now holds, for metrics.json."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cudnn.deterministic = deterministic
-    torch.use_deterministic_algorithms(deterministic)
-    ampere = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-    tf32 = dict(matmul=torch.backends.cuda.matmul.allow_tf32, cudnn=torch.backends.cudnn.allow_tf32) if ampere else None
-    return dict(deterministic=deterministic, cudnn_benchmark=torch.backends.cudnn.benchmark, tf32=tf32)
 
 
 def autocast(device, precision):
