@@ -4,7 +4,8 @@ Question: how much SVHN does a few labelled images buy once a model knows MNIST,
 MNIST does it then forget? Starts from results/07_reverse_mnist/seed-K/model.pt (same seed) and
 trains on a class-stratified subset of SVHN train drawn with the run's seed (--subset-size, default
 1000: the whole label budget, its validation split carved out of it) with a lower peak lr. Inputs are
-normalized with the SVHN subset's own statistics, as a model trained from scratch on it would see them.
+normalized as 07's network does: each image by its own mean and std in 07's recipe (--input-norm image);
+a 07 trained with --input-norm dataset gets the SVHN subset's statistics instead of MNIST's.
 --sweep trains 2 models per size of --sweep-sizes: fine-tuned from 07 and from scratch, on the same
 network and budget (only the initialization and its lr, --scratch-lr, differ): label_efficiency.png.
     python 08_finetune_svhn.py [--subset-size 1000] [--sweep] [--quick]

@@ -88,9 +88,10 @@ def network_of(cfg, source):
 
 
 def new_model(trial, data, source=None):
-    """The config's network on the run's device, inputs normalized with the training split's statistics.
-    With `source` (state, path) from load_run_model: its weights, but still this training split's statistics,
-    so a fine-tuned model sees its own data centred as a model trained from scratch on it would."""
+    """The config's network on the run's device, inputs normalized as cfg.input_norm says: each image by itself
+    ("image"), or with the training split's statistics ("dataset"). With `source` (state, path) from
+    load_run_model: its weights; a "dataset" network then takes this training split's statistics (08 on SVHN
+    centres SVHN, not MNIST), an "image" one needs none."""
     cfg, stats = trial.cfg, input_stats(data.source_train[0])
     model = build_model(cfg, *stats, pretrained=cfg.pretrained and source is None and trial.checkpoint is None)
     if source:

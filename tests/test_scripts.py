@@ -16,8 +16,12 @@ METRIC_KEYS = {"status", "config", "history", "steps", "test", "best_epoch", "be
                "torchvision", "device", "device_name", "precision", "git_commit", "wall_time_s", "confusion"}
 
 
-def test_all_nine_scripts_exist_and_are_named_by_their_file():
-    assert len(SCRIPTS) == 9
+LAYOUT = ("01_base.py", "02_no_bn.py", "03_label_smoothing.py", "04_augmentation.py", "05_transfer.py", "06_adam.py",
+          "07_reverse_mnist.py", "08_finetune_svhn.py")  # the writeup's experiments; more scripts may follow
+
+
+def test_the_writeups_scripts_exist_and_every_script_is_named_by_its_file():
+    assert set(LAYOUT) <= set(SCRIPTS)
     for script in SCRIPTS:
         spec = importlib.util.spec_from_file_location(script[:-3], ROOT / script)
         module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
@@ -43,6 +47,14 @@ def run_in_process(script, *args):
     spec.loader.exec_module(module)
     cfg = cli(module.CONFIG, [str(a) for a in args])
     launch(module.main, cfg) if hasattr(module, "main") else run(cfg)
+
+
+def test_a_run_says_what_it_is_in_a_few_lines_then_one_line_per_epoch(data_dir, tmp_path, capsys):
+    run_in_process("01_base.py", "--quick", "--width", "8", "--data-dir", data_dir, "--results-dir", tmp_path)
+    out = capsys.readouterr().out.splitlines()
+    first_epoch = next(i for i, line in enumerate(out) if line.startswith("epoch 1/1 |"))
+    assert first_epoch <= 5 and out[0].startswith("01_base, seed 0: data ")  # the config: what differs from 01
+    assert "width=8" in out[1] and "lr=" not in " ".join(out[:first_epoch])  # 01's own defaults are not repeated
 
 
 @pytest.mark.parametrize("script", ["01_base.py", "07_reverse_mnist.py"])

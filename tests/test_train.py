@@ -13,7 +13,7 @@ from common import experiment
 from common.data import Data, input_stats
 from common.experiment import load_data, new_model
 from common.lifecycle import Trial, seed_everything
-from common.models import Normalize
+from common.models import Normalize, StandardizeImage
 from common.training import Diverged, Progress, evaluate, fit, loss_function, make_optimizer, make_schedule
 from conftest import ROOT
 
@@ -115,6 +115,20 @@ def test_normalization_statistics_come_from_the_train_split_only():
     normalize = next(m for m in model.modules() if isinstance(m, Normalize))
     assert torch.allclose(normalize.mean.flatten(), torch.full((3,), 0.2))  # 51 / 255: train alone
     assert normalize.mean.flatten().tolist() == pytest.approx(input_stats(data.source_train[0])[0])
+
+
+@pytest.mark.parametrize("input_norm", ["image", "dataset"])
+def test_a_fine_tuned_model_normalizes_as_its_source_network_with_its_own_datas_statistics(input_norm, tmp_path):
+    source_cfg = Config(width=8, amp="off", input_norm=input_norm)
+    mnist_like = Data(source_train=split(10, 20), source_val=None, test_sets={}, dev_sets={}, skipped={})
+    source = new_model(bare_run(source_cfg), mnist_like)
+    svhn_like = Data(source_train=split(102, 20), source_val=None, test_sets={}, dev_sets={}, skipped={})
+    tuned = new_model(bare_run(source_cfg), svhn_like, ({"model": source.state_dict()}, tmp_path / "model.pt"))
+    fronts = [m for m in tuned.modules() if isinstance(m, (Normalize, StandardizeImage))]
+    if input_norm == "image":  # 07's recipe: no statistics to carry over, each image standardized by itself
+        assert isinstance(fronts[0], StandardizeImage)
+    else:
+        assert torch.allclose(fronts[0].mean.flatten(), torch.full((3,), 0.4))  # 102 / 255: SVHN's, not MNIST's
 
 
 class Recorder(torch.nn.Module):
