@@ -49,13 +49,13 @@ def main(cfg):
     inherited = None
     if cfg.inherit_best:
         cfg, inherited = inherit_best(cfg)
-    with start(cfg, inherited_from=inherited) as run:
-        data = load_data(run)             # MNIST train/val; the test set of every present domain
-        model = new_model(run, data)
-        train(run, model, data)           # the epoch is chosen on the MNIST validation split
-        results = test(run, model, data)  # SVHN, MNIST-M, USPS, MNIST; dev: MNIST-M and USPS train files
-        results.update(adapt(run, model, data))  # --tta: each target and dev domain on its own copy
-        finish(run, model, data, results) # model.pt: what 08 fine-tunes
+    with start(cfg, inherited_from=inherited) as trial:
+        data = load_data(trial)           # MNIST train/val; the test set of every present domain
+        model = new_model(trial, data)
+        train(trial, model, data)         # the epoch is chosen on the MNIST validation split
+        results = test(trial, model, data)  # SVHN, MNIST-M, USPS, MNIST; dev: MNIST-M and USPS train files
+        results.update(adapt(trial, model, data))  # --tta: each target and dev domain on its own copy
+        finish(trial, model, data, results)  # model.pt: what 08 fine-tunes
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ CONFIG = Config(
 
 
 def main(cfg):
-    with start(cfg) as run:
-        data = load_data(run)             # SVHN train/val; every present domain's test set
-        model = new_model(run, data)
-        train(run, model, data)           # the epoch is chosen on the SVHN validation split
-        results = test(run, model, data)  # source-only, on every domain
-        results.update(adapt(run, model, data))  # each target domain's unlabelled test set, on a copy
-        finish(run, model, data, results)
+    with start(cfg) as trial:
+        data = load_data(trial)           # SVHN train/val; every present domain's test set
+        model = new_model(trial, data)
+        train(trial, model, data)         # the epoch is chosen on the SVHN validation split
+        results = test(trial, model, data)  # source-only, on every domain
+        results.update(adapt(trial, model, data))  # each target domain's unlabelled test set, on a copy
+        finish(trial, model, data, results)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ them, and where each number came from. Smoke (--quick) runs get their own table,
 """
 import argparse
 import csv
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -217,25 +218,50 @@ def profile_label(config):
     return f"{config.get('dataset')}, subset {config.get('train_subset')}, {config.get('epochs')} epochs"
 
 
+# Config fields that say where and how a run computed, not what it trained: runs differing only in these (and
+# the seed) are seeds of one recipe. Test-time adaptation is evaluated apart from the source-only numbers.
+NOT_RECIPE = {"seed", "data_dir", "results_dir", "overrides", "resume", "restart", "device", "amp", "deterministic",
+              "sync_bn", "compile", "evaluate", "quick", "tta", "tent_lr", "tent_batch", "shot_lr", "t3a_filter",
+              "dev_images"}
+
+
+def recipe(config):
+    return tuple(sorted((k, str(v)) for k, v in config.items() if k not in NOT_RECIPE))
+
+
+def recipe_label(config, others):
+    """What tells this recipe from the others of its experiment: the profile first, then each differing field."""
+    differing = sorted({k for other in others for k, v in other.items() if k not in NOT_RECIPE and config.get(k) != v}
+                       | {k for other in others for k in config if k not in NOT_RECIPE and k not in other})
+    if not differing:
+        return ""
+    profile = [profile_label(config)] if set(PROFILE_FIELDS) & set(differing) else []
+    return ", ".join(profile + [f"{k}={config.get(k)}" for k in differing if k not in PROFILE_FIELDS])
+
+
 def collect(root):
-    """{row name: [finished metrics]} under root, and the files skipped with why. Runs of one experiment with
-    different profiles (training set, label budget, epochs) are never averaged: each profile is its own row."""
+    """{row name: [finished metrics]} under root, and the files skipped with why. Runs of one experiment are
+    averaged only when they differ in nothing but their seed (and where they ran): each recipe is its own row,
+    named by what differs. Folders whose name is not a plain experiment name are skipped (no forged rows)."""
     found, skipped = {}, []
     for path in finished_files(root, "*"):
         metrics, problem = read_metrics(path)
         if metrics is None:
             skipped.append(f"{path.relative_to(root)}: {problem}")
+        elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", path.parent.parent.name):
+            skipped.append(f"{path.relative_to(root)!r}: not a plain experiment name")
         elif metrics.get("status") == "finished":
-            profile = tuple(str(metrics["config"].get(k)) for k in PROFILE_FIELDS)
-            found.setdefault(path.parent.parent.name, {}).setdefault(profile, []).append(metrics)
+            found.setdefault(path.parent.parent.name, {}).setdefault(recipe(metrics["config"]), []).append(metrics)
     for old in sorted(root.glob("*/seed-*.old")):
         if not old.with_suffix("").exists():  # seed-K.old without seed-K: a swap cut between its two renames
             skipped.append(f"{old.relative_to(root)}: a swap cut between its renames; the next run of {old.parent.name} with "
                            f"--seed {old.name[5:-4]} completes or undoes it")
     rows = {}
-    for name, profiles in found.items():
-        for runs in profiles.values():
-            rows[name if len(profiles) == 1 else f"{name} ({profile_label(runs[0]['config'])})"] = runs
+    for name, recipes in found.items():
+        configs = [runs[0]["config"] for runs in recipes.values()]
+        for runs in recipes.values():
+            label = recipe_label(runs[0]["config"], [c for c in configs if c is not runs[0]["config"]])
+            rows[f"{name} ({label})" if label else name] = runs
     return rows, skipped
 
 
@@ -275,6 +301,8 @@ def main(argv=None):
     if not Path(args.results_dir).is_dir():
         sys.exit(f"error: --results-dir {args.results_dir} is not a folder")
     out = Path(args.out or Path(args.results_dir) / "summary.md")
+    if out.suffix.lower() == ".png":
+        sys.exit(f"error: --out {args.out}: the text goes there and the figure beside it as .png; name a .md file")
     text = summary(args.results_dir, links=out.resolve().parent == Path(args.results_dir).resolve())
     try:
         write_text(out, text)

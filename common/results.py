@@ -22,11 +22,20 @@ def finished_files(root, experiments):
             if re.fullmatch(r"seed-\d+", p.parent.name)]
 
 
+MAX_METRICS_BYTES = 64 << 20  # a real metrics.json is under 1 MB; more is not one of ours (or a device file)
+
+
 def read_metrics(path):
-    """A metrics.json, or None with the reason when it is unreadable or not ours. Finished runs are checked
-    for every key the report and 07's recipe choice read."""
+    """A metrics.json, or None with the reason when it is unreadable or not ours. Only regular files of a bounded
+    size are read (a FIFO would block, a device never end). Finished runs are checked for every key the report
+    and 07's recipe choice read, and every accuracy must be a fraction: a finite number in [0, 1]."""
+    path = Path(path)
     try:
-        metrics = json.loads(Path(path).read_text())
+        if not path.is_file():
+            return None, "not a regular file"
+        if path.stat().st_size > MAX_METRICS_BYTES:
+            return None, f"over {MAX_METRICS_BYTES >> 20} MiB: not a metrics.json of this project"
+        metrics = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested past the parser's limit
         return None, f"unreadable ({type(e).__name__})"
     if not (isinstance(metrics, dict) and isinstance(metrics.get("config"), dict)):
@@ -34,7 +43,9 @@ def read_metrics(path):
     if metrics.get("status") == "finished":
         bad = [k for k, kind in FINISHED_KEYS.items()
                if not isinstance(metrics.get(k), (int, float) if kind is float else kind)]
-        bad += [f"test.{k}" for k in ("svhn", "mnist") if not isinstance(metrics.get("test", {}).get(k), (int, float))]
+        bad += [f"test.{k}" for k in ("svhn", "mnist") if not fraction(metrics.get("test", {}).get(k))]
+        if not bad and not fraction(metrics["best_val_acc"]):
+            bad.append("best_val_acc")
         if bad:
             return None, f"finished, but lacks or garbles {', '.join(bad)}"
         path = Path(path)
@@ -99,6 +110,11 @@ def number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def fraction(value):
+    """An accuracy as metrics.json stores it: a finite number in [0, 1] (NaN, booleans and 7.5 are not)."""
+    return number(value) and 0 <= value <= 1
+
+
 def accuracies(mapping):
     """{domain: accuracy} of a metrics.json field, keeping numbers only (a foreign or garbled field gives {})."""
-    return {d: v for d, v in mapping.items() if d in DOMAINS and number(v)} if isinstance(mapping, dict) else {}
+    return {d: v for d, v in mapping.items() if d in DOMAINS and fraction(v)} if isinstance(mapping, dict) else {}

@@ -147,3 +147,33 @@ def test_a_swap_cut_between_its_renames_is_named_not_counted(tmp_path):
     text = summary(tmp_path)
     assert "| 01_base | 95.00 | 60.00 | 90.31 | 62.89 | 1 |" in text
     assert "- 01_base/seed-1.old: a swap cut between its renames; the next run of 01_base with --seed 1" in text
+
+
+def test_runs_of_different_recipes_are_rows_of_their_own_named_by_what_differs(tmp_path):
+    write(tmp_path / "07_reverse_mnist/seed-0/metrics.json", metrics(0.60, 0.99, 0, dataset="mnist", width=48))
+    write(tmp_path / "07_reverse_mnist/seed-1/metrics.json", metrics(0.70, 0.99, 1, dataset="mnist", width=64))
+    write(tmp_path / "07_reverse_mnist/seed-2/metrics.json",
+          dict(metrics(0.62, 0.99, 2, dataset="mnist", width=48, data_dir="/elsewhere")))  # where it ran: same recipe
+    rows = [line.split(" | ")[:2] for line in summary(tmp_path).splitlines() if line.startswith("| 07_reverse_mnist (")]
+    assert rows[:2] == [["| 07_reverse_mnist (width=48)", "61.00 ± 1.41"], ["| 07_reverse_mnist (width=64)", "70.00"]]
+
+
+def test_non_accuracies_fifos_and_forged_names_never_reach_a_table(tmp_path, capsys):
+    import os
+    import pytest
+    write(tmp_path / "01_base/seed-0/metrics.json", metrics(0.95, 0.60, 0))
+    odd = metrics(0.9, 0.6, 1)
+    odd["test"].update(usps=7.5, mnistm=True)
+    write(tmp_path / "01_base/seed-1/metrics.json", odd)
+    write(tmp_path / "01_base/seed-2/metrics.json", metrics(float("nan"), 0.6, 2))
+    os.makedirs(tmp_path / "02_no_bn/seed-0")
+    os.mkfifo(tmp_path / "02_no_bn/seed-0/metrics.json")  # reading it would block forever
+    write(tmp_path / "x | 99.99 | forged/seed-0/metrics.json", metrics(0.5, 0.5, 0, name="x | 99.99 | forged"))
+    text = summary(tmp_path)
+    assert "| 01_base | 92.50 ± 3.54 | 60.00 ± 0.00 |" in text  # seeds 0 and 1; seed 2's NaN is not averaged in
+    assert "USPS" not in text.split("## Cross-domain")[1].split("\n\n")[2]  # 7.5 and true are not accuracies
+    assert "01_base/seed-2/metrics.json: finished, but lacks or garbles test.svhn" in text
+    assert "02_no_bn/seed-0/metrics.json: not a regular file" in text and "99.99" not in text.split("Skipped")[0]
+    with pytest.raises(SystemExit) as exit_:
+        main(["--results-dir", str(tmp_path), "--out", str(tmp_path / "summary.png")])
+    assert "name a .md file" in str(exit_.value.code) and not (tmp_path / "summary.png").exists()
