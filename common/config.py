@@ -301,7 +301,8 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is the error and one line pointing at --help, not the whole usage."""
 
     def error(self, message):
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        # Under torchrun once (rank 0); a stray RANK without torchrun's MASTER_ADDR is not a rank: say it there too.
+        if os.environ.get("RANK", "0") == "0" or "MASTER_ADDR" not in os.environ:
             sys.stderr.write(f"{self.prog}: error: {message}\nsee `{self.prog} --help`\n")
         sys.exit(2)
 
@@ -366,6 +367,8 @@ def cli(config, argv=None):
     script = vars(defined_in) if type(config) is not Config and defined_in else sys._getframe(1).f_globals
     parser = build_parser(config, script)
     passed = vars(parser.parse_args(argv))
+    if passed.get("evaluate", None) == "":  # `--evaluate "$MODEL"` with MODEL unset must not train a run instead
+        parser.error("--evaluate needs the path of a model.pt, got an empty value")
     name = passed.get("name", config.name)
     if name != config.name and re.match(r"\d\d_", name):
         parser.error(f"--name {name}: NN_* names belong to the numbered scripts; this is {config.name}")

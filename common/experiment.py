@@ -12,6 +12,7 @@
 life (folders, checkpoints, resume, provenance, device, precision) is common.lifecycle's.
 """
 import dataclasses
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -197,19 +198,47 @@ def train_and_test(cfg, source=None, **provenance):
         return finish(trial, model, data, results)
 
 
+# What --evaluate uses of the command line: where the data is, how to compute, and the adaptation to run.
+EVALUATION_FIELDS = {"evaluate", "data_dir", "device", "amp", "tta", "tent_lr", "tent_batch", "shot_lr", "t3a_filter",
+                     "dev_images"}
+
+
+def evaluation_config(cfg, path, saved):
+    """The config an evaluation runs: the model's network, name, seed, source and evaluation profile, and
+    this command's data, device and --tta. A flag it would not use is refused, not ignored."""
+    unused = sorted(cfg.passed - EVALUATION_FIELDS)
+    if unused:
+        raise UserError(f"--evaluate tests a saved model: {', '.join('--' + k.replace('_', '-') for k in unused)} "
+                        "would change nothing; drop it")
+    taken = MODEL_FIELDS + ("name", "seed", "dataset", "eval_subset")
+    if not all(k in saved["config"] for k in taken):
+        raise UserError(f"{path} is not a model.pt of this project: its config lacks "
+                        f"{', '.join(k for k in taken if k not in saved['config'])}; pass a model.pt this project wrote")
+    tta = cfg.tta if "tta" in cfg.passed or saved["config"]["norm"] == "batch" else "none"  # a script's default --tta
+    try:
+        return dataclasses.replace(cfg, **{k: saved["config"][k] for k in taken}, tta=tta, evaluate="", overrides="")
+    except UserError as e:
+        raise UserError(f"{path} holds a network this project cannot build ({e})") from None
+
+
+def evaluation_file(path):
+    """Where an evaluation of `path` is written: <seed-K>.evaluation.json beside a run's folder, else
+    <model>.evaluation.json beside the file; never inside a run's own set."""
+    path = Path(path).absolute()
+    if re.fullmatch(r"seed-\d+", path.parent.name):
+        return path.parent.with_name(path.parent.name + ".evaluation.json")
+    return path.with_name(path.stem + ".evaluation.json")
+
+
 def evaluate_saved(cfg):
     """--evaluate PATH: test a saved model.pt on every present domain, with --tta if asked, without training.
-    The network and the evaluation profile (eval_subset) are the file's; writes <its folder>.evaluation.json,
+    The network, name, seed and evaluation profile (eval_subset) are the file's; writes evaluation_file(PATH),
     never the run's own metrics.json."""
     path = Path(cfg.evaluate)
     if not path.exists():
         raise UserError(f"--evaluate {path}: no such file")
-    saved = read_model_file(path, MODEL_FIELDS + ("dataset", "eval_subset"), "pass a model.pt this project wrote")
-    try:
-        built = dataclasses.replace(cfg, **{k: saved["config"][k] for k in MODEL_FIELDS + ("dataset", "eval_subset")},
-                                    evaluate="", overrides="")
-    except UserError as e:
-        raise UserError(f"{path} holds a network this project cannot build ({e})") from None
+    saved = read_model_file(path, MODEL_FIELDS, "pass a model.pt this project wrote")
+    built = evaluation_config(cfg, path, saved)
     device = pick_device(cfg.device)
     trial = Trial(built, out=None, staging=None, device=device, precision=pick_precision(cfg.amp, device))
     model = build_model(built, [0.0] * 3, [1.0] * 3, pretrained=False)  # the Normalize buffers come with the weights
@@ -219,7 +248,7 @@ def evaluate_saved(cfg):
     data = Data(None, None, *load_domains(built, device))  # no training: the source's splits are not needed
     results = test(trial, model, data)
     results.update(adapt(trial, model, data))
-    out = path.parent.with_name(path.parent.name + ".evaluation.json")
+    out = evaluation_file(path)
     write_json(out, dict(model=str(path), config=dataclasses.asdict(built), command="python " + shlex.join(sys.argv),
                          **environment(device, trial.precision), skipped_domains=data.skipped, finished=now(), **results))
     for split in ("test", "dev"):

@@ -140,3 +140,15 @@ def test_importing_common_changes_no_global_state():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
                           env={"MPLBACKEND": "TkAgg", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0 and done.stdout.strip() == "TkAgg", done.stderr
+
+
+def test_a_bad_flag_is_said_even_with_a_stray_rank_in_the_environment(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")  # inherited from a Slurm step or a notebook: no torchrun, no MASTER_ADDR
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(BASE, ["--epochs", "0"])
+    assert exit_info.value.code == 2 and "--epochs must be > 0" in capsys.readouterr().err
+    monkeypatch.setenv("MASTER_ADDR", "localhost")  # a real rank 1 under torchrun: rank 0 says it, once
+    with pytest.raises(SystemExit):
+        cli(BASE, ["--epochs", "0"])
+    assert capsys.readouterr().err == ""

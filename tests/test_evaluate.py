@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from common import Config, launch, run
+from common import Config, cli, launch, run
 from common.experiment import evaluate_saved
 
 SMALL = Config(name="07_reverse_mnist", dataset="mnist", width=8, epochs=2, train_subset=128, eval_subset=64)
@@ -56,3 +56,23 @@ def test_history_csv_has_one_row_per_epoch_matching_metrics(finished):
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert [float(r["val_acc"]) for r in rows] == [h["val_acc"] for h in history]
     assert [float(r["train_loss"]) for r in rows] == [h["train_loss"] for h in history]
+
+
+def test_evaluate_refuses_an_empty_path_and_flags_it_would_not_use(finished, capsys):
+    cfg, out = finished
+    for argv, message in ((["--evaluate", ""], "needs the path of a model.pt"),
+                          (["--evaluate", str(out / "model.pt"), "--epochs", "3", "--width", "16"],
+                           "--epochs, --width would change nothing")):
+        with pytest.raises(SystemExit) as exit_:
+            launch(None, cli(Config(), argv + ["--data-dir", cfg.data_dir]))
+        assert message in str(exit_.value.code) + capsys.readouterr().err  # one line, nothing trained
+
+
+def test_a_model_file_outside_a_run_folder_is_evaluated_under_its_own_name(finished, tmp_path, monkeypatch):
+    cfg, out = finished
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.pt").write_bytes((out / "model.pt").read_bytes())
+    results = evaluate_saved(cli(Config(name="09_domain_generalization", tta="bn,tent"),
+                                 ["--evaluate", "model.pt", "--data-dir", cfg.data_dir]))
+    written = json.loads((tmp_path / "model.evaluation.json").read_text())
+    assert written["config"]["name"] == "07_reverse_mnist" and written["test"] == results["test"]  # the model's name
