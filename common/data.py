@@ -7,8 +7,10 @@ Files are read by structure (keys, shapes, dtype, label range), so honest subset
 load; torchvision's checksums apply only to what it downloads. load_sets() assembles a run's Data: the
 source's labelled split, every present domain's test set and the dev sets.
 """
+import bz2
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,15 +169,18 @@ def _load_mnistm(root, split):
     if npz is not None:
         _readable(npz)
         try:
-            with np.load(npz) as arrays:
+            with np.load(npz, allow_pickle=False) as arrays:
                 x, y = arrays["x"], arrays["y"]
-        except (KeyError, ValueError, OSError) as e:
+        except (KeyError, ValueError, OSError, EOFError, MemoryError, zipfile.BadZipFile) as e:
+            # MemoryError: a header that declares far more images than the file holds
             raise UserError(f"{npz} is not an MNIST-M npz with keys x and y ({type(e).__name__})") from None
+        if y.ndim == 2 and y.shape[1] == 1:  # labels as an (N, 1) column, a common layout
+            y = y[:, 0]
     elif (folder / f"mnist_m_{split}_labels.txt").exists():
         x, y = _read_mnistm_pngs(folder, split)
     else:
         return None
-    if x.dtype != np.uint8 or x.shape[1:] != (32, 32, 3) or len(x) != len(y):
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or y.ndim != 1 or len(x) != len(y):
         raise UserError(f"{npz or folder}: MNIST-M images must be uint8 (N, 32, 32, 3) with one label each, "
                         f"got {x.dtype} {x.shape} and {len(y)} labels")
     _check_labels(npz or folder, y, 0, 9)
@@ -183,33 +188,62 @@ def _load_mnistm(root, split):
 
 
 def _read_mnistm_pngs(folder, split):
-    labels_file = folder / f"mnist_m_{split}_labels.txt"
+    """The release's layout: mnist_m_<split>/<name>.png, and mnist_m_<split>_labels.txt with "name label" per line.
+    Names must be plain file names inside that folder; every image must be a 32x32 picture."""
+    labels_file, images_dir = folder / f"mnist_m_{split}_labels.txt", folder / f"mnist_m_{split}"
     _readable(labels_file)
-    rows = [line.split() for line in labels_file.read_text().splitlines() if line.strip()]
-    if not rows or any(len(r) != 2 or not r[1].isdigit() for r in rows):
-        raise UserError(f"{labels_file}: each line must be 'name label'")
+    try:
+        rows = [line.split() for line in labels_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"{labels_file}: not UTF-8 text; each line must be 'name label'") from None
+    if not rows or any(len(r) != 2 or not (r[1].isascii() and r[1].isdigit()) for r in rows):
+        raise UserError(f"{labels_file}: each line must be 'name label' (label an ASCII digit 0-9)")
+    outside = next((name for name, _ in rows if Path(name).name != name or name in (".", "..")), None)
+    if outside:
+        raise UserError(f"{labels_file} names {outside!r}: images must be plain file names inside {images_dir}")
     images = []
     for name, _ in rows:
-        path = folder / f"mnist_m_{split}" / name
+        path = images_dir / name
         _readable(path)
-        with Image.open(path) as image:
-            images.append(np.asarray(image.convert("RGB")))
+        try:
+            with Image.open(path) as image:
+                if image.size != (32, 32):
+                    raise UserError(f"{path} is {image.size[0]}x{image.size[1]}; MNIST-M images are 32x32")
+                images.append(np.asarray(image.convert("RGB")))
+        except (OSError, Image.DecompressionBombError, ValueError) as e:
+            raise UserError(f"{path} is not a readable image ({type(e).__name__})") from None
     return np.stack(images), np.array([int(r[1]) for r in rows])
 
 
 def _load_usps(root, split):
-    """USPS in torchvision's files (LIBSVM text, bz2) under D/USPS: 16x16 grey, shown as MNIST is."""
+    """USPS in torchvision's files (LIBSVM text, bz2) under D/USPS: "label i:v ..." per image, label 1..10, 256
+    values in [-1, 1] for 16x16 grey, shown as MNIST is. Read and checked here, line by line, before any training
+    (torchvision's reader turns a short line or a value out of range into garbage pixels); the pixels are
+    torchvision's ((v + 1) / 2 * 255, truncated to uint8)."""
     path = root / "USPS" / ("usps.bz2" if split == "train" else "usps.t.bz2")
     if not path.exists():
         return None
     _readable(path)
     try:
-        usps = torchvision.datasets.USPS(root / "USPS", train=split == "train", download=False)
-    except (OSError, ValueError, IndexError, EOFError) as e:
+        with bz2.open(path, "rt", encoding="ascii") as f:
+            rows = [line.split() for line in f if line.strip()]
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"{path} is not a USPS file in torchvision's format ({type(e).__name__})") from None
-    labels = np.asarray(usps.targets)
+    bad = next((i for i, r in enumerate(rows) if len(r) != 257), None)
+    if not rows or bad is not None:
+        raise UserError(f"{path}: line {(bad or 0) + 1} has {len(rows[bad]) - 1 if rows else 0} values; each USPS line "
+                        "is a label and 256 'index:value' pairs")
+    try:
+        labels = np.array([int(r[0]) for r in rows]) - 1
+        values = np.array([[float(x.split(":")[-1]) for x in r[1:]] for r in rows], dtype=np.float32)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}; each USPS line is a label and 256 'index:value' pairs") from None
+    if not (np.isfinite(values).all() and values.min() >= -1 and values.max() <= 1):
+        raise UserError(f"{path}: pixel values must lie in [-1, 1], found {np.nanmin(values):g}..{np.nanmax(values):g}"
+                        f"{' and NaN' if np.isnan(values).any() else ''}")
     _check_labels(path, labels, 0, 9)
-    return grey_to_32(torch.from_numpy(usps.data)), torch.from_numpy(labels.astype("int64"))
+    images = ((values.reshape(-1, 16, 16) + 1) / 2 * 255).astype(np.uint8)
+    return grey_to_32(torch.from_numpy(images)), torch.from_numpy(labels.astype("int64"))
 
 
 def split_train_val(n, val_fraction, seed=0):
@@ -283,11 +317,16 @@ def load_domains(cfg, device, announce=True):
             skipped[domain] = where(domain, cfg.data_dir)
             continue
         tests[domain] = capped(test_split, cfg.eval_subset, device)
-        dev_split = load(domain, "train", cfg.data_dir) if domain in dev_domains(cfg.dataset) else None
-        if dev_split is not None:
-            dev[domain] = capped(dev_split, min(cfg.eval_subset or cfg.dev_images, cfg.dev_images), device)
+        if domain not in dev_domains(cfg.dataset):
+            continue
+        dev_split = load(domain, "train", cfg.data_dir)
+        if dev_split is None:  # its test file is here, its train file is not: recipes would be chosen without it
+            skipped[f"dev_{domain}"] = where(domain, cfg.data_dir)
+            continue
+        dev[domain] = capped(dev_split, min(cfg.eval_subset or cfg.dev_images, cfg.dev_images), device)
     if skipped and announce:
-        print("skipped domains (files absent): " + "; ".join(f"{TITLES[d]} ({w})" for d, w in skipped.items()))
+        print("skipped (files absent): " + "; ".join(f"{TITLES[d] if d in TITLES else 'dev set ' + TITLES[d[4:]]} ({w})"
+                                                     for d, w in skipped.items()))
     return tests, dev, skipped
 
 

@@ -141,3 +141,54 @@ def test_mnist_test_split_loads_without_the_train_files(data_dir, tmp_path):
     x, y = data.load("mnist", "test", tmp_path)
     reference = data.load("mnist", "test", data_dir)
     assert torch.equal(x, reference[0]) and torch.equal(y, reference[1])
+
+
+def mnistm_pngs(root, labels_text, encoding="utf-8", size=32):
+    from PIL import Image
+    folder = root / "mnist_m" / "mnist_m_test"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(folder / "a.png")
+    (root / "mnist_m" / "mnist_m_test_labels.txt").write_text(labels_text, encoding=encoding)
+    return root
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: mnistm_pngs(d, "../../secret.png 3\n"), "plain file names inside"),
+    (lambda d: mnistm_pngs(d, "a.png ٣\n"), "ASCII digit"),
+    (lambda d: mnistm_pngs(d, "a.png 3\n", encoding="utf-16"), "not UTF-8 text"),
+    (lambda d: mnistm_pngs(d, "a.png 3\n", size=40), "40x40; MNIST-M images are 32x32"),
+    (lambda d: (d / "mnist_m").mkdir() or (d / "mnist_m" / "mnist_m_test.npz").write_bytes(b"PK\x03\x04 cut short"),
+     "not an MNIST-M npz"),
+])
+def test_bad_mnistm_files_are_one_line_naming_the_fault(tmp_path, make, message):
+    make(tmp_path)
+    with pytest.raises(UserError, match=message):
+        data.load("mnistm", "test", tmp_path)
+
+
+def test_mnistm_labels_as_a_column_load_as_a_vector(tmp_path):
+    (tmp_path / "mnist_m").mkdir()
+    np.savez(tmp_path / "mnist_m" / "mnist_m_test.npz", x=np.zeros((4, 32, 32, 3), np.uint8), y=np.arange(4).reshape(4, 1))
+    assert data.load("mnistm", "test", tmp_path)[1].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("line, message", [("3 " + " ".join(f"{i}:0.5" for i in range(1, 200)), "has 199 values"),
+                                           ("3 " + " ".join(f"{i}:1.5" for i in range(1, 257)), r"in \[-1, 1\]"),
+                                           ("3 " + " ".join(f"{i}:nan" for i in range(1, 257)), "NaN")])
+def test_usps_lines_are_checked_before_any_training(tmp_path, line, message):
+    import bz2
+    (tmp_path / "USPS").mkdir()
+    with bz2.open(tmp_path / "USPS" / "usps.t.bz2", "wt") as f:
+        f.write(line + "\n")
+    with pytest.raises(UserError, match=message):
+        data.load("usps", "test", tmp_path)
+
+
+def test_a_dev_domain_whose_train_file_is_missing_is_named_not_dropped(all_domains_dir, tmp_path, capsys):
+    import shutil
+    shutil.copytree(all_domains_dir, tmp_path / "d")
+    (tmp_path / "d" / "USPS" / "usps.bz2").unlink()  # USPS test present, its train file (a dev set) absent
+    from common import Config
+    tests, dev, skipped = data.load_domains(Config(dataset="mnist", data_dir=str(tmp_path / "d"), eval_subset=8), "cpu")
+    assert "usps" in tests and "usps" not in dev and "dev_usps" in skipped
+    assert "dev set USPS" in capsys.readouterr().out
