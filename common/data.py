@@ -239,8 +239,10 @@ def _load_usps(root, split):
     except ValueError as e:
         raise UserError(f"{path}: {e}; each USPS line is a label and 256 'index:value' pairs") from None
     if not (np.isfinite(values).all() and values.min() >= -1 and values.max() <= 1):
-        raise UserError(f"{path}: pixel values must lie in [-1, 1], found {np.nanmin(values):g}..{np.nanmax(values):g}"
-                        f"{' and NaN' if np.isnan(values).any() else ''}")
+        finite = values[np.isfinite(values)]
+        found = f"{finite.min():g}..{finite.max():g}" if finite.size else "no finite value"
+        raise UserError(f"{path}: pixel values must lie in [-1, 1], found {found}"
+                        f"{' and NaN or infinity' if finite.size < values.size else ''}")
     _check_labels(path, labels, 0, 9)
     images = ((values.reshape(-1, 16, 16) + 1) / 2 * 255).astype(np.uint8)
     return grey_to_32(torch.from_numpy(images)), torch.from_numpy(labels.astype("int64"))
