@@ -303,18 +303,24 @@ def main(argv=None):
     out = Path(args.out or Path(args.results_dir) / "summary.md")
     if out.suffix.lower() == ".png":
         sys.exit(f"error: --out {args.out}: the text goes there and the figure beside it as .png; name a .md file")
-    text = summary(args.results_dir, links=out.resolve().parent == Path(args.results_dir).resolve())
+    figure = out.with_suffix(".png")
     try:
+        text = summary(args.results_dir, links=out.resolve().parent == Path(args.results_dir).resolve())
         write_text(out, text)
         root = Path(args.results_dir)
         runs = dict(sorted(collect(root)[0].items())) or dict(sorted(collect(root / "quick")[0].items()))  # smoke runs alone
         if runs:
             directions = {direction(r[0]["config"]["dataset"]) for r in runs.values()}
             papers = [r for r in published() if r["direction"] in directions and r["method"] != "the writeup's 07"]
-            plot_summary(runs, WRITEUP, papers, out.with_suffix(".png"))
+            try:
+                plot_summary(runs, WRITEUP, papers, figure)
+            except OSError as e:
+                sys.exit(f"error: wrote {out}, but cannot write {figure} ({e.strerror or type(e).__name__})")
     except OSError as e:
         sys.exit(f"error: cannot write {out} ({e.strerror or type(e).__name__})")
-    print(text + f"\nwrote {out}" + (f" and {out.with_suffix('.png')}" if runs else ""))
+    except KeyboardInterrupt:  # files are written whole or not at all: nothing half-written to report
+        sys.exit(130)
+    print(text + f"\nwrote {out}" + (f" and {figure}" if runs else ""))
 
 
 if __name__ == "__main__":
