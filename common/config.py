@@ -52,7 +52,7 @@ class Config:
     arch: str = "resnet18"          # resnet18 (32x32 stem, ours) | imagenet_resnet18 (torchvision's, ImageNet weights)
     pretrained: bool = True         # imagenet_resnet18: ImageNet weights; --no-pretrained = same adapter, random init (05's control)
     norm: str = "batch"             # batch | none: the variable of 02
-    input_norm: str = "dataset"     # dataset (train-split mean/std) | image (each image by its own: no brightness/contrast cue)
+    input_norm: str = "dataset"     # dataset (train-split mean/std) | image (each image by its own: no brightness/contrast cue) | edges (gradient magnitude: no colour, no polarity)
     width: int = 64                 # channels of the first stage; 64 is ResNet-18, tests shrink it for speed
     transfer_input: str = "upsample64"  # imagenet_resnet18 only: upsample64 | upsample224 | stem3x3 (see models.py)
     weights: str = ""               # imagenet_resnet18: a state-dict file; empty = torchvision's cache (download if online)
@@ -138,7 +138,7 @@ AUGMENT_FIELDS = ("rotate", "shear", "translate", "crop_scale", "perspective", "
 DG_FIELDS = ("invert", "background", "randconv", "prorandconv", "amplitude")
 TTA_METHODS = ("bn", "tent", "shot", "t3a")
 CHOICES = dict(dataset=("svhn", "mnist"), arch=("resnet18", "imagenet_resnet18"), norm=("batch", "none"),
-               input_norm=("dataset", "image"), transfer_input=("upsample64", "upsample224", "stem3x3"),
+               input_norm=("dataset", "image", "edges"), transfer_input=("upsample64", "upsample224", "stem3x3"),
                optimizer=("sgd", "adamw"), device=("auto", "cpu", "cuda"), amp=("auto", "bf16", "fp16", "off"),
                prorandconv_per=("image", "batch"), randconv_per=("image", "batch"),
                prorandconv_offsets=("white", "field"), prorandconv_padding=("border", "zeros"),

@@ -144,6 +144,25 @@ class StandardizeImage(nn.Module):
         return (x - mean) / x.std((1, 2, 3), keepdim=True).clamp(min=1e-2)
 
 
+class Edges(nn.Module):
+    """A colour- and polarity-free view of each image: the gradient magnitude of its grey (Sobel), standardized
+    per image and shown on all three channels. Light-on-dark and dark-on-light digits, on any texture, give the
+    same strokes' outlines; at train and test time alike."""
+
+    def __init__(self):
+        super().__init__()
+        sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+        self.register_buffer("kernels", torch.stack([sobel, sobel.T]).unsqueeze(1), persistent=False)
+        self.register_buffer("grey", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        grey = (x.float() * self.grey).sum(1, keepdim=True)
+        gradients = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), self.kernels)
+        magnitude = gradients.pow(2).sum(1, keepdim=True).add(1e-6).sqrt()
+        magnitude = (magnitude - magnitude.mean((2, 3), keepdim=True)) / magnitude.std((2, 3), keepdim=True).clamp(min=1e-2)
+        return magnitude.expand(-1, 3, -1, -1).to(x.dtype)
+
+
 class GlobalAvgPool(nn.Module):
     """torchvision's AdaptiveAvgPool2d(1) as a mean: same numbers, and a deterministic CUDA backward."""
 
@@ -227,6 +246,8 @@ def build_model(cfg, mean, std, pretrained=True):
     weights: 05's control (cfg.pretrained), or a model whose state is loaded right after."""
     if cfg.input_norm == "image":  # for the ImageNet network too: its inputs then have the scale it expects
         front = StandardizeImage()
+    elif cfg.input_norm == "edges":
+        front = Edges()
     else:
         front = Normalize(IMAGENET_MEAN, IMAGENET_STD) if cfg.arch == "imagenet_resnet18" else Normalize(mean, std)
     if cfg.arch == "imagenet_resnet18":

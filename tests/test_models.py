@@ -59,3 +59,17 @@ def test_per_image_standardization_ignores_brightness_and_contrast():
     assert torch.allclose(out.mean((1, 2, 3)), torch.zeros(2), atol=1e-5)
     assert torch.allclose(out.std((1, 2, 3)), torch.ones(2), atol=1e-4)
     assert torch.allclose(model[0](0.5 * x + 0.2), out, atol=1e-4)
+
+
+def test_edges_input_is_the_same_for_a_digit_in_any_colour_or_polarity():
+    from common.models import Edges
+    digit = torch.zeros(1, 1, 32, 32)
+    digit[..., 6:26, 13:19] = 1.0
+    light_on_dark = digit.expand(-1, 3, -1, -1)
+    coloured = 0.2 + 0.5 * (1 - digit) * torch.tensor([0.9, 0.3, 0.6]).view(1, 3, 1, 1)  # dark ink, a tinted ground
+    edges = Edges()
+    a, b = edges(light_on_dark), edges(coloured)
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)  # outlines only: no colour, no polarity
+    assert a[0, :, 16, 13].min() > a[0, :, 16, 3].max() and torch.equal(a[:, 0], a[:, 1])  # the stroke's edge stands out
+    model = build_model(Config(input_norm="edges", width=8), [0.5] * 3, [0.2] * 3)
+    assert model(light_on_dark).shape == (1, 10) and "0.kernels" not in model.state_dict()  # nothing new to save
