@@ -39,7 +39,7 @@ def test_help_shows_why_comments_01s_value_beside_the_scripts_and_every_choice(c
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "peak of the one-cycle schedule (default: 0.05; 01_base: 0.1)" in out
     assert "--batch-size BATCH_SIZE (default: 128)" in out
-    for choices in ("--input-norm {dataset,image}", "--norm {batch,none}", "--tta {none,bn,tent,shot,t3a}[,...]",
+    for choices in ("--input-norm {dataset,image,edges}", "--norm {batch,none}", "--tta {none,bn,tent,shot,t3a}[,...]",
                     "--consistency-geometry {independent,shared}", "--amp {auto,bf16,fp16,off}"):
         assert choices in out
 
