@@ -12,7 +12,7 @@ from common import Config
 from common import experiment
 from common.data import Data, input_stats
 from common.experiment import load_data, new_model
-from common.lifecycle import Trial, seed_everything
+from common.lifecycle import Trial, pick_precision, seed_everything  # the real one, even under --fp32
 from common.models import Normalize, StandardizeImage
 from common.training import Diverged, Progress, evaluate, fit, loss_function, make_optimizer, make_schedule
 from conftest import ROOT
@@ -66,15 +66,15 @@ def test_non_finite_loss_stops_with_epoch_and_step(data_dir):
 
 
 def test_precision_is_bf16_only_where_native(monkeypatch):
-    import common.lifecycle as train
+    import common.lifecycle as lifecycle
     from common import UserError
     cpu = torch.device("cpu")
-    monkeypatch.setattr(train, "native_bf16", lambda device: False)
-    assert train.pick_precision("auto", cpu) == "fp32" and train.pick_precision("off", cpu) == "fp32"
+    monkeypatch.setattr(lifecycle, "native_bf16", lambda device: False)
+    assert pick_precision("auto", cpu) == "fp32" and pick_precision("off", cpu) == "fp32"
     with pytest.raises(UserError, match="--amp off"):
-        train.pick_precision("bf16", cpu)
-    monkeypatch.setattr(train, "native_bf16", lambda device: True)
-    assert train.pick_precision("auto", cpu) == "bf16" and train.pick_precision("off", cpu) == "fp32"
+        pick_precision("bf16", cpu)
+    monkeypatch.setattr(lifecycle, "native_bf16", lambda device: True)
+    assert pick_precision("auto", cpu) == "bf16" and pick_precision("off", cpu) == "fp32"
 
 
 @pytest.mark.slow
