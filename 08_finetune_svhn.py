@@ -11,12 +11,13 @@ network and budget (only the initialization and its lr, --scratch-lr, differ): l
     python 08_finetune_svhn.py [--subset-size 1000] [--sweep] [--quick]
 """
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from common import AUGMENT_04, Config, UserError, cli, launch
 from common.data import load
 from common.experiment import load_run_model, network_of, train_and_test, write_sweep
-from common.lifecycle import run_dir
+from common.lifecycle import resolve, run_dir
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class FinetuneConfig(Config):
         if not (self.scratch_lr > 0 and all(s.isdigit() and int(s) > 0 for s in self.sweep_sizes.split(","))):
             raise UserError(f"--sweep-sizes must be comma-separated positive integers and --scratch-lr > 0, got "
                             f"{self.sweep_sizes!r} and {self.scratch_lr}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.init_from):
+            raise UserError(f"--init-from must name an experiment (a results folder), got {self.init_from!r}")
+        if self.init_from == self.name:  # it would fine-tune from the very model this run replaces
+            raise UserError(f"--init-from {self.init_from} is this run's own experiment: name the one to start from")
 
 
 CONFIG = FinetuneConfig(
@@ -63,7 +68,7 @@ def main(cfg):
     rows, points = [], run_dir(cfg).parent / "sweep"
     for size in sweep_sizes(cfg):
         for arm in ("fine-tuned", "scratch"):   # 2 models per size, differing only in the start and its lr
-            point = dataclasses.replace(cfg, name=f"{arm}-{size}", sweep=False, quick=False, train_subset=size,
+            point = dataclasses.replace(resolve(cfg), name=f"{arm}-{size}", sweep=False, quick=False, train_subset=size,
                                         results_dir=str(points), overrides="",
                                         lr=cfg.lr if arm == "fine-tuned" else cfg.scratch_lr)
             metrics = (train_and_test(point, source, init_from=str(source[1])) if arm == "fine-tuned" else

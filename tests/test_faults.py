@@ -234,3 +234,17 @@ def test_fifo_or_garbled_model_files_are_refused_in_one_line(data_dir, tmp_path)
     with pytest.raises(UserError, match="weights.pth is not a regular file"):
         from common.models import imagenet_weights_file
         imagenet_weights_file(str(tmp_path / "weights.pth"))
+
+
+@pytest.mark.parametrize("init_from, message", [("08_finetune_svhn", "this run's own experiment"),
+                                                ("../elsewhere", "must name an experiment")])
+def test_08_never_starts_from_its_own_model_or_outside_the_results(init_from, message, capsys):
+    import importlib.util
+    import sys
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("finetune_svhn", ROOT / "08_finetune_svhn.py")
+    script = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit):
+        script.cli(script.CONFIG, ["--init-from", init_from])
+    assert message in capsys.readouterr().err

@@ -102,6 +102,7 @@ def test_every_script_quick_end_to_end_then_report(data_dir, tmp_path, torch_hom
     for field in ("arch", "norm", "input_norm", "width", "transfer_input"):  # one network: only the start differs
         assert arms["fine-tuned"][field] == arms["scratch"][field] == built[field], field
     assert arms["scratch"]["lr"] == arms["scratch"]["scratch_lr"] != arms["fine-tuned"]["lr"]
+    assert arms["scratch"]["epochs"] == 1 and arms["scratch"]["eval_subset"] == 256  # --quick's profile, not 30 epochs
 
     from common.report import main
     main(["--results-dir", str(tmp_path)])
