@@ -22,6 +22,7 @@ import torch
 from . import distributed, plumbing
 from .augment import augment
 from .data import TITLES, Data, input_stats, load_domains, load_sets, sizes
+from .config import Config
 from .errors import UserError
 from .lifecycle import Trial, environment, now, pick_device, pick_precision, run_dir, start, write_history
 from .models import build_model, set_input_stats
@@ -47,7 +48,7 @@ MODEL_FIELDS = ("arch", "norm", "input_norm", "width", "transfer_input")
 
 def load_run_model(name, cfg):
     """(model.pt of experiment `name` for cfg's seed and profile, its path): what 08 starts from."""
-    path = run_dir(dataclasses.replace(cfg, name=name)) / "model.pt"
+    path = run_dir(Config(name=name, seed=cfg.seed, quick=cfg.quick, results_dir=cfg.results_dir)) / "model.pt"
     if not path.exists():
         raise UserError(f"no trained model at {path}: run `python {name}.py{' --quick' if cfg.quick else ''} "
                         f"--seed {cfg.seed}` first")
