@@ -31,6 +31,8 @@ from .plumbing import read_torch, run_lock, save_torch, staging_dir, write_json,
 from .training import Diverged, Progress
 
 
+# --- device and precision --------------------------------------------------------------------------------
+
 def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda requested but torch sees no CUDA device")
@@ -83,6 +85,8 @@ def configure_backends(device, deterministic):
     tf32 = dict(matmul=torch.backends.cuda.matmul.allow_tf32, cudnn=torch.backends.cudnn.allow_tf32) if ampere else None
     return dict(deterministic=deterministic, cudnn_benchmark=torch.backends.cudnn.benchmark, tf32=tf32)
 
+
+# --- folders, provenance, checkpoints --------------------------------------------------------------------
 
 # Fields that may change between an interrupted run and its --resume without changing the result.
 RESUMABLE_CHANGES = {"resume", "restart", "data_dir", "results_dir", "overrides", "tta"}
@@ -183,6 +187,8 @@ def load_checkpoint(path, cfg):
         raise UserError(f"--resume: the checkpoint in {path.parent} was made with {listed}; pass the same flags")
     return ckpt
 
+
+# --- the trial: one run from start() to its swapped-in results ---------------------------------------------
 
 QUICK_IMAGES = 256
 

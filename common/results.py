@@ -10,7 +10,6 @@ from .errors import UserError
 from .lifecycle import run_dir
 
 
-# --- finished runs ---------------------------------------------------------------------------------------
 
 FINISHED_KEYS = dict(config=dict, test=dict, data=dict, best_val_acc=float, wall_time_s=float, device_name=str,
                      precision=str)
