@@ -128,24 +128,30 @@ def all_domains_dir(tmp_path_factory):
     return make_data_dir(tmp_path_factory.mktemp("all_domains"), n_train=300, n_test=100, extra_domains=True)
 
 
+def train_in_memory(cfg):
+    """cfg trained in fp32 on the CPU with the project's own verbs, nothing written: (model, data, progress)."""
+    import torch
+    from common.experiment import load_data, new_model
+    from common.lifecycle import Trial, seed_everything
+    from common.training import Progress, fit, make_optimizer, make_schedule
+    seed_everything(cfg.seed)
+    trial = Trial(cfg, None, None, torch.device("cpu"), "fp32")
+    data = load_data(trial)
+    model = new_model(trial, data)
+    optimizer = make_optimizer(cfg, model)
+    progress = fit(model, optimizer, make_schedule(cfg, optimizer, len(data.source_train[1]) // cfg.batch_size), cfg,
+                   data.source_train, data.source_val, "fp32", Progress())
+    return model, data, progress
+
+
 @pytest.fixture(scope="session")
 def trained(data_dir):
     """One small network trained once per session on the fixture's SVHN (fp32, 6 epochs of 320 images): the
     tests that need a model that has learned something share it. Tests that change it work on a copy."""
-    import torch
     from types import SimpleNamespace
     from common import Config
-    from common.experiment import load_data, new_model
-    from common.lifecycle import Trial, seed_everything
-    from common.training import Progress, fit, make_optimizer, make_schedule
     cfg = Config(width=8, epochs=6, batch_size=32, train_subset=320, amp="off", data_dir=str(data_dir))
-    seed_everything(cfg.seed)
-    run = Trial(cfg, None, None, torch.device("cpu"), "fp32")
-    data = load_data(run)
-    model = new_model(run, data)
-    optimizer = make_optimizer(cfg, model)
-    progress = fit(model, optimizer, make_schedule(cfg, optimizer, len(data.source_train[1]) // cfg.batch_size), cfg,
-                   data.source_train, data.source_val, "fp32", Progress())
+    model, data, progress = train_in_memory(cfg)
     return SimpleNamespace(cfg=cfg, model=model.eval(), data=data, progress=progress)
 
 
