@@ -177,3 +177,15 @@ def test_non_accuracies_fifos_and_forged_names_never_reach_a_table(tmp_path, cap
     with pytest.raises(SystemExit) as exit_:
         main(["--results-dir", str(tmp_path), "--out", str(tmp_path / "summary.png")])
     assert "name a .md file" in str(exit_.value.code) and not (tmp_path / "summary.png").exists()
+
+
+def test_selection_only_shows_what_chooses_and_no_test_number(tmp_path):
+    m = metrics(0.4321, 0.9876, 0, dataset="mnist", name="07-swa")
+    m.update(dev=dict(mnistm=0.7111, usps=0.9922), dev_tta=dict(shot=dict(mnistm=0.7333, usps=0.9911)),
+             test_tta=dict(shot=dict(mnistm=0.5555)), history=[dict(train_acc=0.55)])
+    write(tmp_path / "07-swa/seed-0/metrics.json", m)
+    main(["--results-dir", str(tmp_path), "--selection-only", "--out", str(tmp_path / "selection.md")])
+    text = (tmp_path / "selection.md").read_text()
+    assert "| 07-swa | 0 | 15 | 55.0 | 90.00 | 71.11 | 99.22 | 85.17 |" in text  # validation, dev sets, their mean
+    assert "| 07-swa | 0 | shot | MNIST-M | 71.11 | 73.33 | +2.22 |" in text       # adaptation to the dev set
+    assert not any(n in text for n in ("43.21", "98.76", "55.55")) and not (tmp_path / "selection.png").exists()
