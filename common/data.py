@@ -23,6 +23,7 @@ from PIL import Image
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from .errors import UserError
+from .plumbing import readable_file
 
 DOMAINS = ("svhn", "mnist", "mnistm", "usps")
 TITLES = dict(svhn="SVHN", mnist="MNIST", mnistm="MNIST-M", usps="USPS")
@@ -69,18 +70,6 @@ def _download(root, files, fetch):
             raise UserError(f"could not move the downloaded {', '.join(map(str, files))} into {root} ({e.strerror or e})") from None
 
 
-def _readable(path):
-    """A file we may not open is a permission problem, not a corrupt file: say which. Only regular files: a FIFO
-    or a device would block the read or never end."""
-    if not Path(path).is_file():
-        raise UserError(f"{path} is not a regular file")
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
-
-
 def _check_labels(path, y, low, high):
     """Finite integers in [low, high]: NaN passes a range check and then casts to a class."""
     if y.dtype.kind not in "iuf" or len(y) == 0:
@@ -96,7 +85,7 @@ def _load_svhn(root, split):
     path = root / SVHN_FILES[split]
     if not path.exists():
         _download(root, [path.name], lambda d: torchvision.datasets.SVHN(d, split=split, download=True))
-    _readable(path)
+    readable_file(path)
     try:
         mat = scipy.io.loadmat(path)
     except Exception as e:
@@ -118,7 +107,7 @@ def _load_svhn(root, split):
 
 def _check_idx(path, magic, ndim):
     """The IDX header torchvision's reader would assert on, checked here to name the file and the fault."""
-    _readable(path)
+    readable_file(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         header = f.read(4 + 4 * ndim)
@@ -167,7 +156,7 @@ def _load_mnistm(root, split):
     folder = root / "mnist_m"
     npz = next((folder / n for n in MNISTM_NPZ[split] if (folder / n).exists()), None)
     if npz is not None:
-        _readable(npz)
+        readable_file(npz)
         try:
             with np.load(npz, allow_pickle=False) as arrays:
                 x, y = arrays["x"], arrays["y"]
@@ -191,7 +180,7 @@ def _read_mnistm_pngs(folder, split):
     """The release's layout: mnist_m_<split>/<name>.png, and mnist_m_<split>_labels.txt with "name label" per line.
     Names must be plain file names inside that folder; every image must be a 32x32 picture."""
     labels_file, images_dir = folder / f"mnist_m_{split}_labels.txt", folder / f"mnist_m_{split}"
-    _readable(labels_file)
+    readable_file(labels_file)
     try:
         rows = [line.split() for line in labels_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError:
@@ -203,8 +192,7 @@ def _read_mnistm_pngs(folder, split):
         raise UserError(f"{labels_file} names {outside!r}: images must be plain file names inside {images_dir}")
     images = []
     for name, _ in rows:
-        path = images_dir / name
-        _readable(path)
+        path = readable_file(images_dir / name, inside=images_dir)  # a symlink out of the folder is refused too
         try:
             with Image.open(path) as image:
                 if image.size != (32, 32):
@@ -223,7 +211,7 @@ def _load_usps(root, split):
     path = root / "USPS" / ("usps.bz2" if split == "train" else "usps.t.bz2")
     if not path.exists():
         return None
-    _readable(path)
+    readable_file(path)
     try:
         with bz2.open(path, "rt", encoding="ascii") as f:
             rows = [line.split() for line in f if line.strip()]

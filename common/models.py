@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import torchvision
 
 from .errors import UserError
+from .plumbing import readable_file
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -185,9 +186,7 @@ def imagenet_weights_file(weights):
     if weights:
         if not Path(weights).exists():
             raise UserError(f"--weights {weights}: no such file")
-        if not Path(weights).is_file():  # a FIFO or /dev/zero would block or never end
-            raise UserError(f"--weights {weights} is not a regular file")
-        return Path(weights)
+        return readable_file(weights, "--weights ")  # a FIFO or /dev/zero would block or never end
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(api.url).name
     if not cached.exists():
         try:

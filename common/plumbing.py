@@ -77,15 +77,28 @@ def save_torch(path, obj):
     atomic(path, write)
 
 
-def regular_file(path, what=""):
-    """A FIFO or a device where a file should be would block a read or never end: refused, with its name."""
-    if Path(path).exists() and not Path(path).is_file():
-        raise UserError(f"{what}{path} is not a regular file")
+def readable_file(path, what="", max_bytes=None, inside=None):
+    """The one door every file the project reads goes through: a regular file (a FIFO would block a read, a device
+    never end), at most max_bytes, inside the folder `inside` when given (a name read from a file cannot lead out
+    of its folder), that this process may read. Otherwise a UserError naming it. Returns the path."""
+    path = Path(path)
+    if inside is not None and not path.resolve().is_relative_to(Path(inside).resolve()):
+        raise UserError(f"{what}{path} lies outside {inside}")
+    if not path.is_file():
+        raise UserError(f"{what}{path} is {'not a regular file' if path.exists() else 'missing'}")
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise UserError(f"{what}{path} is over {max_bytes >> 20} MiB: not one of this project's files")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:  # a permission problem, not a corrupt file: say which
+        raise UserError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
+    return path
 
 
 def read_torch(path, remedy):
     """torch.load(weights_only=True) of one of our files as a dict, or a UserError naming it and the remedy."""
-    regular_file(path)
+    readable_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:

@@ -8,6 +8,7 @@ import numpy as np
 from .data import DOMAINS
 from .errors import UserError
 from .lifecycle import run_dir
+from .plumbing import readable_file
 
 
 
@@ -30,11 +31,9 @@ def read_metrics(path):
     and 07's recipe choice read, and every accuracy must be a fraction: a finite number in [0, 1]."""
     path = Path(path)
     try:
-        if not path.is_file():
-            return None, "not a regular file"
-        if path.stat().st_size > MAX_METRICS_BYTES:
-            return None, f"over {MAX_METRICS_BYTES >> 20} MiB: not a metrics.json of this project"
-        metrics = json.loads(path.read_text())
+        metrics = json.loads(readable_file(path, max_bytes=MAX_METRICS_BYTES).read_text())
+    except UserError as e:
+        return None, str(e).replace(f"{path} is ", "").replace(f"{path} ", "")
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested past the parser's limit
         return None, f"unreadable ({type(e).__name__})"
     if not (isinstance(metrics, dict) and isinstance(metrics.get("config"), dict)):

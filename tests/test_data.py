@@ -192,3 +192,12 @@ def test_a_dev_domain_whose_train_file_is_missing_is_named_not_dropped(all_domai
     tests, dev, skipped = data.load_domains(Config(dataset="mnist", data_dir=str(tmp_path / "d"), eval_subset=8), "cpu")
     assert "usps" in tests and "usps" not in dev and "dev_usps" in skipped
     assert "dev set USPS" in capsys.readouterr().out
+
+
+def test_an_image_linked_from_outside_the_mnistm_folder_is_refused(tmp_path):
+    from PIL import Image
+    root = mnistm_pngs(tmp_path, "b.png 3\n")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "secret.png")
+    (root / "mnist_m" / "mnist_m_test" / "b.png").symlink_to(tmp_path / "secret.png")
+    with pytest.raises(UserError, match="lies outside"):
+        data.load("mnistm", "test", root)
