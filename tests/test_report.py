@@ -189,3 +189,11 @@ def test_selection_only_shows_what_chooses_and_no_test_number(tmp_path):
     assert "| 07-swa | 0 | 15 | 55.0 | 90.00 | 71.11 | 99.22 | 85.17 |" in text  # validation, dev sets, their mean
     assert "| 07-swa | 0 | shot | MNIST-M | 71.11 | 73.33 | +2.22 |" in text       # adaptation to the dev set
     assert not any(n in text for n in ("43.21", "98.76", "55.55")) and not (tmp_path / "selection.png").exists()
+
+
+def test_commands_are_written_as_anyone_reruns_them():
+    from common.report import portable
+    assert portable("python 07_reverse_mnist.py --data-dir /srv/me/data --seed 1 --results-dir=/scratch/r") == \
+        "python 07_reverse_mnist.py --data-dir <data> --seed 1 --results-dir=<results-dir>"
+    assert portable("python 07_reverse_mnist.py --evaluate /scratch/r/07_reverse_mnist/seed-0/model.pt --tta shot") == \
+        "python 07_reverse_mnist.py --evaluate <results-dir>/07_reverse_mnist/seed-0/model.pt --tta shot"
