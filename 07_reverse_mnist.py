@@ -14,7 +14,7 @@ Saves model.pt, which 08 starts from.
 import dataclasses
 from dataclasses import dataclass
 
-from common import AUGMENT_04, CROSS_DOMAIN, Config, cli, launch
+from common import AUGMENT_04, CROSS_DOMAIN, Config, UserError, cli, launch
 from common.experiment import adapt, finish, load_data, new_model, start, test, train
 from common.results import best_recipe
 
@@ -42,7 +42,11 @@ def inherit_best(cfg):
     recipe, why = best_recipe(cfg)
     recipe = {k: v for k, v in recipe.items() if k not in cfg.passed}
     print(f"--inherit-best: {why}; takes {recipe or 'nothing'}")
-    return dataclasses.replace(cfg, **recipe), dict(why=why, fields=recipe)
+    try:
+        return dataclasses.replace(cfg, **recipe), dict(why=why, fields=recipe)
+    except (UserError, TypeError) as e:  # the run read is at fault, not a flag the user passed
+        raise UserError(f"--inherit-best: the recipe it would take is not valid ({e}); {why.split(':')[0]}'s "
+                        "metrics.json is odd: rerun it, or pass --no-inherit-best") from None
 
 
 def main(cfg):

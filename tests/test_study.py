@@ -146,3 +146,10 @@ def test_an_interrupted_swap_is_completed_or_undone(tmp_path):
         import shutil
         shutil.rmtree(out)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def test_inherit_best_blames_the_odd_run_it_read_not_a_flag(tmp_path):
+    finished(tmp_path, "03_label_smoothing", 0, 0.93, label_smoothing=7.0)  # not a valid recipe
+    reverse = script("07_reverse_mnist.py")
+    with pytest.raises(UserError, match="--inherit-best: the recipe it would take is not valid.*03_label_smoothing"):
+        reverse.inherit_best(dataclasses.replace(reverse.CONFIG, inherit_best=True, results_dir=str(tmp_path)))
