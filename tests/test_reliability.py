@@ -168,3 +168,19 @@ def test_sigterm_while_the_data_loads_exits_143_without_a_traceback(data_dir, tm
     assert process.returncode == 143 and "Traceback" not in stderr, stderr
     assert "no epoch finished; rerun" in stderr
     assert json.loads((tmp_path / "01_base/seed-0.partial/metrics.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: the only way to be inside that import
+def test_ctrl_c_while_torch_imports_is_one_line_and_exit_130(tmp_path):
+    import os
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    code = "import signal; before = signal.getsignal(signal.SIGINT); import common; " \
+           "assert signal.getsignal(signal.SIGINT) is before; print('imported')"
+    whole = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert whole.stdout.strip() == "imported", whole.stderr  # the handler is back once the import is done
+    started = time.time()
+    process = subprocess.Popen([sys.executable, "-c", "import common"], stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(0.5)  # python is up, torch is still importing (seconds)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 130 and "Traceback" not in err, (process.returncode, err, time.time() - started)
