@@ -116,6 +116,7 @@ class Config:
     resume: bool = False            # continue the interrupted run of this config from its checkpoint
     restart: bool = False           # discard an interrupted run's saved epochs and start over (never done unasked)
     evaluate: str = ""              # a model.pt: test it on every present domain (and --tta), no training; writes <its folder>.evaluation.json
+    dev_only: bool = False          # --evaluate on the dev sets alone: choosing a --tta method or its settings sees no test set
     overrides: str = ""             # not a flag: cli() records the fields given on the command line, comma-separated
 
     def __post_init__(self):
@@ -231,7 +232,7 @@ NEEDS = dict(
     dg_ramp=(lambda cfg: any(getattr(cfg, k) > 0 for k in DG_FIELDS), f"one of {DG_FLAGS} > 0"),
     tent_lr=(lambda cfg: "tent" in cfg.tta, "--tta tent"),
     tent_batch=(lambda cfg: {"tent", "shot"} & set(cfg.tta.split(",")), "--tta tent or shot"),
-    shot_lr=(lambda cfg: "shot" in cfg.tta, "--tta shot"), t3a_filter=(lambda cfg: "t3a" in cfg.tta, "--tta t3a"),
+    shot_lr=(lambda cfg: "shot" in cfg.tta, "--tta shot"), dev_only=(lambda cfg: cfg.evaluate != "", "--evaluate"), t3a_filter=(lambda cfg: "t3a" in cfg.tta, "--tta t3a"),
     amplitude_band=(lambda cfg: cfg.amplitude > 0, "--amplitude > 0"),
     amplitude_scale=(lambda cfg: cfg.amplitude > 0, "--amplitude > 0"),
     mixstyle_alpha=(lambda cfg: cfg.mixstyle > 0, "--mixstyle > 0"),

@@ -201,7 +201,7 @@ def train_and_test(cfg, source=None, **provenance):
 
 # What --evaluate uses of the command line: where the data is, how to compute, and the adaptation to run.
 EVALUATION_FIELDS = {"evaluate", "data_dir", "device", "amp", "tta", "tent_lr", "tent_batch", "shot_lr", "t3a_filter",
-                     "dev_images"}
+                     "dev_images", "dev_only"}
 
 
 def evaluation_config(cfg, path, saved):
@@ -217,18 +217,19 @@ def evaluation_config(cfg, path, saved):
                         f"{', '.join(k for k in taken if k not in saved['config'])}; pass a model.pt this project wrote")
     tta = cfg.tta if "tta" in cfg.passed or saved["config"]["norm"] == "batch" else "none"  # a script's default --tta
     try:
-        return dataclasses.replace(cfg, **{k: saved["config"][k] for k in taken}, tta=tta, evaluate="", overrides="")
+        return dataclasses.replace(cfg, **{k: saved["config"][k] for k in taken}, tta=tta, evaluate="", dev_only=False,
+                                   overrides="")
     except UserError as e:
         raise UserError(f"{path} holds a network this project cannot build ({e})") from None
 
 
-def evaluation_file(path):
-    """Where an evaluation of `path` is written: <seed-K>.evaluation.json beside a run's folder, else
-    <model>.evaluation.json beside the file; never inside a run's own set."""
-    path = Path(path).absolute()
+def evaluation_file(path, dev_only=False):
+    """Where an evaluation of `path` is written: <seed-K>.evaluation.json (.dev.json with --dev-only) beside a
+    run's folder, else <model>.evaluation.json beside the file; never inside a run's own set."""
+    path, suffix = Path(path).absolute(), ".evaluation.dev.json" if dev_only else ".evaluation.json"
     if re.fullmatch(r"seed-\d+", path.parent.name):
-        return path.parent.with_name(path.parent.name + ".evaluation.json")
-    return path.with_name(path.stem + ".evaluation.json")
+        return path.parent.with_name(path.parent.name + suffix)
+    return path.with_name(path.stem + suffix)
 
 
 def evaluate_saved(cfg):
@@ -247,9 +248,11 @@ def evaluate_saved(cfg):
     model.to(device, memory_format=torch.channels_last)
     trial.progress.best_weights = saved["model"]
     data = Data(None, None, *load_domains(built, device))  # no training: the source's splits are not needed
+    if cfg.dev_only:
+        data.test_sets = {}
     results = test(trial, model, data)
     results.update(adapt(trial, model, data))
-    out = evaluation_file(path)
+    out = evaluation_file(path, cfg.dev_only)
     write_json(out, dict(model=str(path), config=dataclasses.asdict(built), command="python " + shlex.join(sys.argv),
                          **environment(device, trial.precision), skipped_domains=data.skipped, finished=now(), **results))
     for split in ("test", "dev"):

@@ -274,7 +274,7 @@ def evaluations(root):
     """{"<experiment> (--evaluate)": [evaluation records]}: `--evaluate` of finished runs' models, for their
     adaptation to the dev sets (dev_tta). Unreadable ones are left out; they are no run's result."""
     found = {}
-    for path in sorted(root.glob("*/seed-*.evaluation.json")):
+    for path in sorted([*root.glob("*/seed-*.evaluation.json"), *root.glob("*/seed-*.evaluation.dev.json")]):
         try:
             record = json.loads(readable_file(path, max_bytes=MAX_METRICS_BYTES).read_text())
         except (UserError, OSError, ValueError, RecursionError):

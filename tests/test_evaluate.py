@@ -76,3 +76,12 @@ def test_a_model_file_outside_a_run_folder_is_evaluated_under_its_own_name(finis
                                  ["--evaluate", "model.pt", "--data-dir", cfg.data_dir]))
     written = json.loads((tmp_path / "model.evaluation.json").read_text())
     assert written["config"]["name"] == "07_reverse_mnist" and written["test"] == results["test"]  # the model's name
+
+
+def test_dev_only_adapts_to_the_dev_sets_and_never_touches_a_test_set(finished, capsys):
+    cfg, out = finished
+    results = evaluate_saved(cli(Config(), ["--evaluate", str(out / "model.pt"), "--data-dir", cfg.data_dir,
+                                            "--dev-only", "--tta", "shot"]))
+    assert results["test"] == {} and results["test_tta"] == {"shot": {}}
+    assert set(results["dev_tta"]["shot"]) == {"mnistm", "usps"} and " test " not in capsys.readouterr().out
+    assert json.loads(out.with_name("seed-0.evaluation.dev.json").read_text())["dev_tta"] == results["dev_tta"]
