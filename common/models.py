@@ -73,8 +73,9 @@ class MixStyle(nn.Module):
         if not self.training or (weight is None and torch.rand(()).item() >= self.p):
             return x
         b = x.shape[0]
-        if weight is None:
-            weight = torch.distributions.Beta(self.alpha, self.alpha).sample((b, 1, 1, 1)).to(x.device)
+        if weight is None:  # drawn on the features' device: no host-to-device copy per step
+            alpha = torch.tensor(self.alpha, device=x.device)
+            weight = torch.distributions.Beta(alpha, alpha).sample((b, 1, 1, 1))
         features = x.float()  # statistics in fp32 under autocast
         mean = features.mean((2, 3), keepdim=True).detach()
         std = (features.var((2, 3), keepdim=True) + 1e-6).sqrt().detach()
