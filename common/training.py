@@ -1,4 +1,5 @@
-"""fit(): the one training loop of every experiment; evaluate(); devices, precision, optimizers, schedules."""
+"""fit(): the one training loop of every experiment, train_step() (what fit and the bench time), evaluate(); autocast
+and the fp16 grad scaler, losses (JSD consistency), optimizers, the one-cycle schedule, weight averaging (--swa)."""
 import copy
 import functools
 import math
