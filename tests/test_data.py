@@ -144,11 +144,37 @@ def test_mnist_test_split_loads_without_the_train_files(data_dir, tmp_path):
 
 
 def mnistm_pngs(root, labels_text, encoding="utf-8", size=32):
+    """One PNG and a labels file in the release's layout; size=(w, h) forges the PNG header's dimensions instead
+    (a decompression bomb: 10^10 pixels declared in a file of a few hundred bytes)."""
+    import struct
+    import zlib
     from PIL import Image
     folder = root / "mnist_m" / "mnist_m_test"
     folder.mkdir(parents=True)
-    Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.zeros((32, 32, 3) if isinstance(size, tuple) else (size, size, 3), np.uint8)).save(folder / "a.png")
+    if isinstance(size, tuple):
+        png = bytearray((folder / "a.png").read_bytes())
+        png[16:24] = struct.pack(">II", *size)  # IHDR's width and height, then its CRC over type and data
+        png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+        (folder / "a.png").write_bytes(bytes(png))
     (root / "mnist_m" / "mnist_m_test_labels.txt").write_text(labels_text, encoding=encoding)
+    return root
+
+
+def npz_declaring(root, n):
+    """An MNIST-M npz whose x header declares n images but holds four (a garbled or hostile file)."""
+    import zipfile
+    (root / "mnist_m").mkdir()
+    path = root / "mnist_m" / "mnist_m_test.npz"
+    np.savez(path, x=np.zeros((4, 32, 32, 3), np.uint8), y=np.zeros(4, np.int64))
+    with zipfile.ZipFile(path) as z:
+        members = {name: z.read(name) for name in z.namelist()}
+    shape = f"({n}, 32, 32, 3)".encode()
+    grown = len(shape) - len(b"(4, 32, 32, 3)")  # taken from the header's padding: its declared length stays true
+    members["x.npy"] = members["x.npy"].replace(b"(4, 32, 32, 3)", shape, 1).replace(b" " * grown + b"\n", b"\n", 1)
+    with zipfile.ZipFile(path, "w") as z:
+        for name, content in members.items():
+            z.writestr(name, content)
     return root
 
 
@@ -159,6 +185,8 @@ def mnistm_pngs(root, labels_text, encoding="utf-8", size=32):
     (lambda d: mnistm_pngs(d, "a.png 3\n", size=40), "40x40; MNIST-M images are 32x32"),
     (lambda d: (d / "mnist_m").mkdir() or (d / "mnist_m" / "mnist_m_test.npz").write_bytes(b"PK\x03\x04 cut short"),
      "not an MNIST-M npz"),
+    (lambda d: npz_declaring(d, 10 ** 9), "not an MNIST-M npz"),
+    (lambda d: mnistm_pngs(d, "a.png 3\n", size=(100_000, 100_000)), "not a readable image"),
 ])
 def test_bad_mnistm_files_are_one_line_naming_the_fault(tmp_path, make, message):
     make(tmp_path)
