@@ -197,3 +197,17 @@ def test_commands_are_written_as_anyone_reruns_them():
         "python 07_reverse_mnist.py --data-dir <data> --seed 1 --results-dir=<results-dir>"
     assert portable("python 07_reverse_mnist.py --evaluate /scratch/r/07_reverse_mnist/seed-0/model.pt --tta shot") == \
         "python 07_reverse_mnist.py --evaluate <results-dir>/07_reverse_mnist/seed-0/model.pt --tta shot"
+
+
+def test_ctrl_c_while_the_figure_is_drawn_exits_130_with_the_text_written_whole(tmp_path, monkeypatch):
+    import pytest
+    from common import report
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    write(tmp_path / "01_base/seed-0/metrics.json", metrics(0.95, 0.60, 0))
+    monkeypatch.setattr(report, "plot_summary", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--results-dir", str(tmp_path)])
+    assert exit_.value.code == 130 and (tmp_path / "summary.md").read_text() == summary(tmp_path)
+    assert not (tmp_path / "summary.png").exists()
