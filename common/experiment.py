@@ -216,6 +216,9 @@ def evaluation_config(cfg, path, saved):
         raise UserError(f"{path} is not a model.pt of this project: its config lacks "
                         f"{', '.join(k for k in taken if k not in saved['config'])}; pass a model.pt this project wrote")
     tta = cfg.tta if "tta" in cfg.passed or saved["config"]["norm"] == "batch" else "none"  # a script's default --tta
+    if set(tta.split(",")) - {"none", "t3a"} and saved["config"]["norm"] != "batch":  # the flag's fault, not the file's
+        raise UserError(f"--tta {tta} adapts BatchNorm layers and {path} has none (trained with --norm "
+                        f"{saved['config']['norm']}): pass --tta none or t3a")
     try:
         return dataclasses.replace(cfg, **{k: saved["config"][k] for k in taken}, tta=tta, evaluate="", dev_only=False,
                                    overrides="")

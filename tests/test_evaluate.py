@@ -85,3 +85,16 @@ def test_dev_only_adapts_to_the_dev_sets_and_never_touches_a_test_set(finished, 
     assert results["test"] == {} and results["test_tta"] == {"shot": {}}
     assert set(results["dev_tta"]["shot"]) == {"mnistm", "usps"} and " test " not in capsys.readouterr().out
     assert json.loads(out.with_name("seed-0.evaluation.dev.json").read_text())["dev_tta"] == results["dev_tta"]
+
+
+def test_a_model_without_batchnorm_drops_a_scripts_default_tta_and_blames_a_passed_one(finished, tmp_path):
+    from common.errors import UserError
+    from common.experiment import evaluation_config
+    cfg, out = finished
+    saved = torch.load(out / "model.pt", weights_only=False)
+    saved["config"]["norm"] = "none"  # as 02_no_bn writes it
+    script = Config(name="09_domain_generalization", tta="bn,tent")  # 09's default --tta
+    assert evaluation_config(cli(script, ["--evaluate", "m.pt"]), "m.pt", saved).tta == "none"
+    assert evaluation_config(cli(script, ["--evaluate", "m.pt", "--tta", "t3a"]), "m.pt", saved).tta == "t3a"
+    with pytest.raises(UserError, match=r"^--tta bn,shot adapts BatchNorm layers and m.pt has none \(trained with --norm none\)"):
+        evaluation_config(cli(script, ["--evaluate", "m.pt", "--tta", "bn,shot"]), "m.pt", saved)

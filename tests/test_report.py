@@ -211,3 +211,18 @@ def test_ctrl_c_while_the_figure_is_drawn_exits_130_with_the_text_written_whole(
         main(["--results-dir", str(tmp_path)])
     assert exit_.value.code == 130 and (tmp_path / "summary.md").read_text() == summary(tmp_path)
     assert not (tmp_path / "summary.png").exists()
+
+
+def test_a_figure_that_cannot_be_written_is_named_and_the_text_kept(tmp_path, monkeypatch):
+    import pytest
+    from common import report
+
+    def refused(*args):
+        raise PermissionError(13, "Permission denied")
+    write(tmp_path / "01_base/seed-0/metrics.json", metrics(0.95, 0.60, 0))
+    monkeypatch.setattr(report, "plot_summary", refused)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--results-dir", str(tmp_path)])
+    assert exit_.value.code == (f"error: wrote {tmp_path / 'summary.md'}, but cannot write {tmp_path / 'summary.png'} "
+                                "(Permission denied)")
+    assert (tmp_path / "summary.md").read_text() == summary(tmp_path)
