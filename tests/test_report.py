@@ -226,3 +226,24 @@ def test_a_figure_that_cannot_be_written_is_named_and_the_text_kept(tmp_path, mo
     assert exit_.value.code == (f"error: wrote {tmp_path / 'summary.md'}, but cannot write {tmp_path / 'summary.png'} "
                                 "(Permission denied)")
     assert (tmp_path / "summary.md").read_text() == summary(tmp_path)
+
+
+def test_evaluations_report_dev_rows_from_the_dev_only_file_and_test_rows_from_the_full_one(tmp_path):
+    from common.report import selection_report
+    m = metrics(0.4321, 0.9876, 0, dataset="mnist", name="07-x")
+    m.update(dev=dict(mnistm=0.7111))
+    write(tmp_path / "07-x/seed-0/metrics.json", m)
+    evaluation = dict(config=dict(name="07-x", seed=0), test=dict(mnistm=0.72), dev=dict(mnistm=0.7111),
+                      test_tta=dict(shot=dict(mnistm=0.7500)), dev_tta=dict(shot=dict(mnistm=0.7300)),
+                      command="python 07_reverse_mnist.py --evaluate r/07-x/seed-0/model.pt --tta shot")
+    write(tmp_path / "07-x/seed-0.evaluation.json", evaluation)
+    chosen_on = dict(evaluation, test={}, test_tta={}, dev_tta=dict(shot=dict(mnistm=0.7299)),
+                     command="python 07_reverse_mnist.py --evaluate r/07-x/seed-0/model.pt --dev-only --tta shot")
+    write(tmp_path / "07-x/seed-0.evaluation.dev.json", chosen_on)
+    text = summary(tmp_path)
+    dev, test = text.split("## Test-time adaptation on the dev sets")[1].split("## Test-time adaptation (")
+    assert "| 07-x (--evaluate) | 0 | shot | MNIST-M | 71.11 | 72.99 | +1.88 |" in dev and "73.00" not in dev
+    assert "| 07-x (--evaluate) | 0 | shot | MNIST-M | 72.00 | 75.00 | +3.00 |" in test
+    assert "--dev-only --tta shot`" in text and "model.pt --tta shot`" in text  # both commands, once each
+    selection = selection_report(tmp_path)
+    assert "72.99" in selection and not any(n in selection for n in ("75.00", "72.00", "73.00"))
