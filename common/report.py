@@ -5,6 +5,7 @@ them, and where each number came from. Smoke (--quick) runs get their own table,
 """
 import argparse
 import csv
+import dataclasses
 import json
 import re
 import shlex
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Parser
+from .config import Config, Parser
 from .data import DOMAINS, TITLES
 from .plots import plot_summary
 from .plumbing import write_text
@@ -227,11 +228,13 @@ def profile_label(config):
 # the seed) are seeds of one recipe. Test-time adaptation is evaluated apart from the source-only numbers.
 NOT_RECIPE = {"seed", "data_dir", "results_dir", "overrides", "resume", "restart", "device", "amp", "deterministic",
               "sync_bn", "compile", "evaluate", "quick", "tta", "tent_lr", "tent_batch", "shot_lr", "t3a_filter",
-              "dev_images"}
+              "dev_images", "dev_only"}
+# A field a run's code did not have yet is read as its default, which keeps what that code did (a flag is added so).
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 
 
 def recipe(config):
-    return tuple(sorted((k, str(v)) for k, v in config.items() if k not in NOT_RECIPE))
+    return tuple(sorted((k, str(v)) for k, v in {**DEFAULTS, **config}.items() if k not in NOT_RECIPE))
 
 
 def recipe_label(config, others):
@@ -263,9 +266,9 @@ def collect(root):
                            f"--seed {old.name[5:-4]} completes or undoes it")
     rows = {}
     for name, recipes in found.items():
-        configs = [runs[0]["config"] for runs in recipes.values()]
-        for runs in recipes.values():
-            label = recipe_label(runs[0]["config"], [c for c in configs if c is not runs[0]["config"]])
+        configs = [{**DEFAULTS, **runs[0]["config"]} for runs in recipes.values()]
+        for config, runs in zip(configs, recipes.values()):
+            label = recipe_label(config, [c for c in configs if c is not config])
             rows[f"{name} ({label})" if label else name] = runs
     return rows, skipped
 

@@ -247,3 +247,13 @@ def test_evaluations_report_dev_rows_from_the_dev_only_file_and_test_rows_from_t
     assert "--dev-only --tta shot`" in text and "model.pt --tta shot`" in text  # both commands, once each
     selection = selection_report(tmp_path)
     assert "72.99" in selection and not any(n in selection for n in ("75.00", "72.00", "73.00"))
+
+
+def test_a_field_older_code_did_not_record_counts_as_its_default(tmp_path):
+    write(tmp_path / "07-x/seed-0/metrics.json", metrics(0.60, 0.99, 0, dataset="mnist"))  # before the flag existed
+    write(tmp_path / "07-x/seed-1/metrics.json", metrics(0.62, 0.99, 1, dataset="mnist", consistency_geometry="independent",
+                                                        dev_only=False))
+    write(tmp_path / "07-x/seed-2/metrics.json", metrics(0.70, 0.99, 2, dataset="mnist", consistency_geometry="shared"))
+    rows = [line.split(" | ")[:2] for line in summary(tmp_path).splitlines() if line.startswith("| 07-x")][:2]
+    assert rows == [["| 07-x (consistency_geometry=independent)", "61.00 ± 1.41"],
+                    ["| 07-x (consistency_geometry=shared)", "70.00"]]
