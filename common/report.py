@@ -329,8 +329,8 @@ def summary(results_dir, links=True):
         dev, test = evaluations(root, "dev"), evaluations(root, "test")
         lines += selection(full) + cross_domain(full) + adaptation({**full, **dev}, "dev") + adaptation({**full, **test})
         lines += published_table({direction(runs[0]["config"]["dataset"]) for runs in full.values()})
-        lines += provenance({**full, **{name: dev.get(name, []) + [r for r in records if r not in dev.get(name, [])]
-                                        for name, records in {**dev, **test}.items()}})
+        both = {name: records + [r for r in test.get(name, []) if r not in records] for name, records in dev.items()}
+        lines += provenance({**full, **both})  # dev holds a record of every evaluated seed: the full one, or --dev-only
     missing = [name for name in WRITEUP if not any(n.split(" (")[0] == name for n in full)]
     if missing:
         lines += ["", f"No results yet{' (smoke runs aside)' if quick else ''}: {', '.join(missing)}."]
