@@ -139,6 +139,11 @@ AUGMENT_FIELDS = ("rotate", "shear", "translate", "crop_scale", "perspective", "
 # The cross-domain augmentations: ramped by --dg-ramp, off in a clean view.
 DG_FIELDS = ("invert", "background", "randconv", "prorandconv", "amplitude")
 TTA_METHODS = ("bn", "tent", "shot", "t3a")
+
+
+def adapts_batchnorm(tta):
+    """Whether a --tta value adapts BatchNorm layers (every method but t3a, which reads the classifier only)."""
+    return bool(set(tta.split(",")) - {"none", "t3a"})
 CHOICES = dict(dataset=("svhn", "mnist"), arch=("resnet18", "imagenet_resnet18"), norm=("batch", "none"),
                input_norm=("dataset", "image", "edges"), transfer_input=("upsample64", "upsample224", "stem3x3"),
                optimizer=("sgd", "adamw"), device=("auto", "cpu", "cuda"), amp=("auto", "bf16", "fp16", "off"),
@@ -201,7 +206,7 @@ def check_combinations(cfg):
     if cfg.consistency_clean and not (cfg.consistency and any(getattr(cfg, k) for k in DG_FIELDS)):
         raise UserError(f"--consistency-clean anchors JSD on a view without {DG_FLAGS}: it needs --consistency > 0 "
                         "and one of them on")
-    if set(cfg.tta.split(",")) - {"none", "t3a"} and cfg.norm == "none" and cfg.arch == "resnet18":
+    if adapts_batchnorm(cfg.tta) and cfg.norm == "none" and cfg.arch == "resnet18":
         raise UserError(f"--tta {cfg.tta} adapts BatchNorm layers: it needs --norm batch")
     if cfg.mixstyle and cfg.arch != "resnet18":
         raise UserError("--mixstyle mixes the feature statistics of our ResNet's stages: it needs --arch resnet18")

@@ -22,7 +22,7 @@ import torch
 from . import distributed, plumbing
 from .augment import augment
 from .data import TITLES, Data, input_stats, load_domains, load_sets, sizes
-from .config import Config
+from .config import Config, adapts_batchnorm
 from .errors import UserError
 from .lifecycle import Trial, environment, now, pick_device, pick_precision, run_dir, start, write_history
 from .models import build_model, set_input_stats
@@ -216,7 +216,7 @@ def evaluation_config(cfg, path, saved):
         raise UserError(f"{path} is not a model.pt of this project: its config lacks "
                         f"{', '.join(k for k in taken if k not in saved['config'])}; pass a model.pt this project wrote")
     tta = cfg.tta if "tta" in cfg.passed or saved["config"]["norm"] == "batch" else "none"  # a script's default --tta
-    if set(tta.split(",")) - {"none", "t3a"} and saved["config"]["norm"] != "batch":  # the flag's fault, not the file's
+    if adapts_batchnorm(tta) and saved["config"]["norm"] != "batch":  # the flag's fault, not the file's
         raise UserError(f"--tta {tta} adapts BatchNorm layers and {path} has none (trained with --norm "
                         f"{saved['config']['norm']}): pass --tta none or t3a")
     try:
