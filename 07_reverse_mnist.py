@@ -3,11 +3,11 @@
 Question: how far does a model trained on clean MNIST digits carry over to street-view SVHN digits (and to
 MNIST-M and USPS when their files are present)?
 Differs from 01_base in the training set (MNIST), in 04's augmentation and label smoothing, and in its
-domain-generalization recipe below (per-image standardization, cluttered backgrounds, Pro-RandConv, a
-clean-anchored JSD between views that share their geometry, a ramp, gradient clipping). The recipe is this
-file's, whatever results/ holds; --inherit-best takes the network and optimization recipe of the best
-finished 01-06 experiment instead (the writeup's procedure), and prints and records which. Recipes are
-chosen on the MNIST validation split and the dev domains (MNIST-M and USPS train files), never on SVHN:
+domain-generalization recipe below (per-image standardization, cluttered backgrounds, Pro-RandConv, random
+Fourier amplitudes, a clean-anchored JSD between views that share their geometry, a ramp, gradient
+clipping). The recipe is this file's, whatever results/ holds; --inherit-best takes the network and
+optimization recipe of the best finished 01-06 experiment instead (the writeup's procedure), and prints and
+records which. Recipes are chosen on the MNIST validation split and the dev domains (MNIST-M and USPS train files), never on SVHN:
 SVHN is the held-out domain (README "Protocol"). Saves model.pt, which 08 starts from.
     python 07_reverse_mnist.py [--train-subset 10000] [--epochs 7] [--inherit-best] [--quick]
 """
@@ -28,7 +28,7 @@ CONFIG = ReverseConfig(
     name="07_reverse_mnist",
     dataset="mnist",          # the variable under study
     epochs=7,                 # two views per image; 6 left seed 0's source validation at 98.8% (results/STUDY.md)
-    width=48,                 # 0.6x the step time of width 64, which took 27 min per seed on a 2-core AMD EPYC
+    width=56,                 # 20 min per seed on a 2-core AMD EPYC; 64 took 27 (results/STUDY.md, sections 4 and 7)
     batch_size=64,            # twice the steps of 128 in the same time: every seed past 50% train accuracy in epoch 1
     warmup=0.15,              # one epoch of warm-up, as in the 5-epoch pilots the recipe was chosen on
     label_smoothing=0.1,      # 04's recipe, with its augmentation

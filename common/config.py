@@ -30,6 +30,7 @@ CROSS_DOMAIN = dict(
     input_norm="image",      # each image by its own mean/std: a new domain's brightness and contrast carry no cue
     background=0.5,          # MNIST's background is always black; MNIST-M's and SVHN's never are
     prorandconv=0.75,        # new textures and colours on the same shapes
+    amplitude=0.5,           # random low-frequency Fourier amplitudes, phase kept: large areas' colour and contrast
     consistency=1.0,         # JSD between a clean view (the only one with cross-entropy) and the cross-domain view
     consistency_clean=True,  # the clean view: every seed learns the digits from its first steps
     consistency_geometry="shared",  # the views differ only in what crosses domains (AugMix); dev MNIST-M up on 3 of 3 seeds
