@@ -7,8 +7,8 @@ domain-generalization recipe below (per-image standardization, cluttered backgro
 Fourier amplitudes, a clean-anchored JSD between views that share their geometry, a ramp, gradient
 clipping). The recipe is this file's, whatever results/ holds; --inherit-best takes the network and
 optimization recipe of the best finished 01-06 experiment instead (the writeup's procedure), and prints and
-records which. Recipes are chosen on the MNIST validation split and the dev domains (MNIST-M and USPS train files), never on SVHN:
-SVHN is the held-out domain (README "Protocol"). Saves model.pt, which 08 starts from.
+records which. Recipes are chosen on the MNIST validation split and the dev domains (MNIST-M and USPS train
+files), never on SVHN: SVHN is the held-out domain (README "Protocol"). Saves model.pt, which 08 starts from.
     python 07_reverse_mnist.py [--train-subset 10000] [--epochs 7] [--inherit-best] [--quick]
 """
 import dataclasses

@@ -141,10 +141,6 @@ AUGMENT_FIELDS = ("rotate", "shear", "translate", "crop_scale", "perspective", "
 DG_FIELDS = ("invert", "background", "randconv", "prorandconv", "amplitude")
 TTA_METHODS = ("bn", "tent", "shot", "t3a")
 
-
-def adapts_batchnorm(tta):
-    """Whether a --tta value adapts BatchNorm layers (every method but t3a, which reads the classifier only)."""
-    return bool(set(tta.split(",")) - {"none", "t3a"})
 CHOICES = dict(dataset=("svhn", "mnist"), arch=("resnet18", "imagenet_resnet18"), norm=("batch", "none"),
                input_norm=("dataset", "image", "edges"), transfer_input=("upsample64", "upsample224", "stem3x3"),
                optimizer=("sgd", "adamw"), device=("auto", "cpu", "cuda"), amp=("auto", "bf16", "fp16", "off"),
@@ -162,6 +158,11 @@ AT_MOST = dict(seed=(2**31 - 1, "it seeds numpy too"), rotate=(180, "degrees"), 
                width=(1024, "channels"), prorandconv_layers=(50, "layers"), views=(8, "views"),
                prorandconv_offset=(4, "pixels"), prorandconv_field=(16, "pixels"),
                amplitude_band=(0.5, "cycles per pixel"), amplitude_scale=(3, "log-gain"))
+
+
+def adapts_batchnorm(tta):
+    """Whether a --tta value adapts BatchNorm layers (every method but t3a, which reads the classifier only)."""
+    return bool(set(tta.split(",")) - {"none", "t3a"})
 
 
 def flag(field_name):
