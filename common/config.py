@@ -56,6 +56,7 @@ class Config:
     norm: str = "batch"             # batch | none: the variable of 02
     input_norm: str = "dataset"     # dataset (train-split mean/std) | image (each image by its own: no brightness/contrast cue) | edges (gradient magnitude: no colour, no polarity)
     width: int = 64                 # channels of the first stage; 64 is ResNet-18, tests shrink it for speed
+    ibn: float = 0.0                # >0: IBN-Net-a (Pan et al., ECCV 2018): this fraction of each block's first norm instance-normalized, stages 1-3 (the paper's 0.5)
     transfer_input: str = "upsample64"  # imagenet_resnet18 only: upsample64 | upsample224 | stem3x3 (see models.py)
     weights: str = ""               # imagenet_resnet18: a state-dict file; empty = torchvision's cache (download if online)
     # optimization
@@ -152,7 +153,7 @@ POSITIVE = ("epochs", "batch_size", "lr", "width", "warmup", "prorandconv_layers
 NON_NEGATIVE = ("seed", "train_subset", "eval_subset", "weight_decay", "consistency", "rotate", "shear", "translate",
                 "crop_scale", "perspective", "jitter", "invert", "clip_grad", "prorandconv_offset", "prorandconv_affine")
 FRACTIONS = ("warmup", "momentum", "label_smoothing", "crop_scale", "jitter", "invert", "background", "randconv",
-             "prorandconv", "dg_ramp", "amplitude", "mixstyle", "swa")
+             "prorandconv", "dg_ramp", "amplitude", "mixstyle", "swa", "ibn")
 AT_MOST = dict(seed=(2**31 - 1, "it seeds numpy too"), rotate=(180, "degrees"), shear=(60, "degrees"),
                translate=(0.5, "of the image size"), perspective=(0.5, "of the image size"),
                width=(1024, "channels"), prorandconv_layers=(50, "layers"), views=(8, "views"),
@@ -210,6 +211,8 @@ def check_combinations(cfg):
                         "and one of them on")
     if adapts_batchnorm(cfg.tta) and cfg.norm == "none" and cfg.arch == "resnet18":
         raise UserError(f"--tta {cfg.tta} adapts BatchNorm layers: it needs --norm batch")
+    if cfg.ibn and not (cfg.arch == "resnet18" and cfg.norm == "batch"):
+        raise UserError("--ibn splits the BatchNorm layers of our ResNet: it needs --arch resnet18 --norm batch")
     if cfg.mixstyle and cfg.arch != "resnet18":
         raise UserError("--mixstyle mixes the feature statistics of our ResNet's stages: it needs --arch resnet18")
     if cfg.resume and cfg.restart:

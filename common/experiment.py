@@ -43,7 +43,9 @@ def load_data(trial):
 
 
 # What a model.pt fixes about the network: a run initialized from it (08) takes these from it.
-MODEL_FIELDS = ("arch", "norm", "input_norm", "width", "transfer_input")
+MODEL_FIELDS = ("arch", "norm", "input_norm", "width", "transfer_input", "ibn")
+# Network fields added after model.pt files were first written: a file without one was built with the default.
+LATER_MODEL_FIELDS = ("ibn",)
 
 
 def load_run_model(name, cfg):
@@ -58,6 +60,9 @@ def load_run_model(name, cfg):
 def read_model_file(path, fields, remedy):
     """A model.pt this project wrote: {"model": state dict, "config": {...}} with at least `fields` in the config."""
     saved = read_torch(path, remedy)
+    if isinstance(saved.get("config"), dict):
+        defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.name in LATER_MODEL_FIELDS}
+        saved["config"] = {**defaults, **saved["config"]}
     if not (isinstance(saved.get("model"), dict) and isinstance(saved.get("config"), dict)
             and all(k in saved["config"] for k in fields)):
         raise UserError(f"{path} is not a model.pt of this project: it lacks the model or its config (fields "

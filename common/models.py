@@ -29,16 +29,35 @@ class StridedPointwise(nn.Conv2d):
         return new
 
 
-def norm_layer(norm, channels):
-    return nn.BatchNorm2d(channels) if norm == "batch" else nn.Identity()
+class IBN(nn.Module):
+    """IBN-Net-a's normalization (Pan et al., ECCV 2018): the first `ratio` of the channels instance-normalized
+    (with an affine), the rest batch-normalized. Instance normalization drops each image's own feature means and
+    variances, the appearance (colour, texture, contrast) that a new domain changes; the BN half keeps what tells
+    the classes apart. In eval mode the IN half still uses each image's own statistics: it has no running ones."""
+
+    def __init__(self, channels, ratio=0.5):
+        super().__init__()
+        self.half = int(channels * ratio)
+        self.IN = nn.InstanceNorm2d(self.half, affine=True)
+        self.BN = nn.BatchNorm2d(channels - self.half)
+
+    def forward(self, x):
+        instance, batch = x.split([self.half, x.shape[1] - self.half], 1)
+        return torch.cat([self.IN(instance), self.BN(batch)], 1)
+
+
+def norm_layer(norm, channels, ibn=0.0):
+    if norm != "batch":
+        return nn.Identity()
+    return IBN(channels, ibn) if ibn else nn.BatchNorm2d(channels)
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, c_in, c_out, stride, norm):
+    def __init__(self, c_in, c_out, stride, norm, ibn=0.0):
         super().__init__()
         bias = norm == "none"  # BatchNorm's shift makes a conv bias redundant; without BN it is needed
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=bias)
-        self.bn1 = norm_layer(norm, c_out)
+        self.bn1 = norm_layer(norm, c_out, ibn)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=bias)
         self.bn2 = norm_layer(norm, c_out)
         self.shortcut = nn.Sequential()
@@ -88,14 +107,17 @@ class MixStyle(nn.Module):
 class ResNet(nn.Module):
     """ResNet with a 32x32 stem: one 3x3 conv, no max-pool, so the first stage runs at full resolution."""
 
-    def __init__(self, blocks_per_stage, num_classes=10, norm="batch", width=64, mixstyle=0.0, mixstyle_alpha=0.1):
+    def __init__(self, blocks_per_stage, num_classes=10, norm="batch", width=64, mixstyle=0.0, mixstyle_alpha=0.1,
+                 ibn=0.0):
         super().__init__()
         widths = [width * 2 ** i for i in range(len(blocks_per_stage))]
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=norm == "none"), norm_layer(norm, width), nn.ReLU())
         layers, c_in = [], width
         for i, (n, c_out) in enumerate(zip(blocks_per_stage, widths)):
             for j in range(n):
-                layers.append(BasicBlock(c_in, c_out, 2 if i > 0 and j == 0 else 1, norm))
+                # IBN-Net-a: in every block of all stages but the last, whose features must tell the classes apart
+                layers.append(BasicBlock(c_in, c_out, 2 if i > 0 and j == 0 else 1, norm,
+                                         ibn if i < len(blocks_per_stage) - 1 else 0.0))
                 c_in = c_out
         self.layers = nn.Sequential(*layers)
         # MixStyle after the first two stages: early features hold style, late ones the class (the paper's choice)
@@ -115,8 +137,8 @@ class ResNet(nn.Module):
         return self.fc(x.mean((2, 3)))  # adaptive_avg_pool2d's CUDA backward is not deterministic; a mean is
 
 
-def resnet18(num_classes=10, norm="batch", width=64, mixstyle=0.0, mixstyle_alpha=0.1):
-    return ResNet([2, 2, 2, 2], num_classes, norm, width, mixstyle, mixstyle_alpha)
+def resnet18(num_classes=10, norm="batch", width=64, mixstyle=0.0, mixstyle_alpha=0.1, ibn=0.0):
+    return ResNet([2, 2, 2, 2], num_classes, norm, width, mixstyle, mixstyle_alpha, ibn)
 
 
 class Normalize(nn.Module):
@@ -253,4 +275,4 @@ def build_model(cfg, mean, std, pretrained=True):
     if cfg.arch == "imagenet_resnet18":
         resize, net = imagenet_resnet18(cfg.transfer_input, cfg.weights, pretrained)
         return nn.Sequential(front, *resize, net)
-    return nn.Sequential(front, resnet18(10, cfg.norm, cfg.width, cfg.mixstyle, cfg.mixstyle_alpha))
+    return nn.Sequential(front, resnet18(10, cfg.norm, cfg.width, cfg.mixstyle, cfg.mixstyle_alpha, cfg.ibn))

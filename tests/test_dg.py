@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
-from common import Config
+from common import Config, UserError
 from common.augment import (amplitude_perturbation, augment, draw, match, noise_texture, progressive_random_convolution,
                             random_convolution, smooth_field, stream)
 from common.training import (Progress, clean_view, evaluate, fit, jensen_shannon, loss_function, make_optimizer, make_schedule,
                           ramped, train_epoch, training_loss)
-from common.models import MixStyle, resnet18
+from common.models import IBN, MixStyle, resnet18
 from conftest import ROOT, train_in_memory
 
 
@@ -230,6 +230,31 @@ def test_mixstyle_with_weight_one_is_the_identity_and_zero_takes_anothers_statis
     assert torch.equal(mix.eval()(x), x)  # eval mode: the identity
     network = resnet18(width=8, mixstyle=0.5)
     assert network.state_dict().keys() == resnet18(width=8).state_dict().keys()  # no state: models load either way
+
+
+def test_ibn_instance_normalizes_its_first_half_per_image_and_batch_normalizes_the_rest():
+    ibn = IBN(8, 0.5).train()
+    x = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(0))
+    # Each image's own gain and shift on each channel: the IN half cannot see them, the BN half can.
+    restyled = x * torch.rand(4, 8, 1, 1).add(0.5) + torch.randn(4, 8, 1, 1)
+    out, out_restyled = ibn(x), ibn(restyled)
+    torch.testing.assert_close(out_restyled[:, :4], out[:, :4], atol=1e-4, rtol=1e-4)
+    assert (out_restyled[:, 4:] - out[:, 4:]).abs().max() > 0.1
+    torch.testing.assert_close(out[:, :4].mean((2, 3)), torch.zeros(4, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[:, 4:], F.batch_norm(x[:, 4:], None, None, training=True), atol=1e-5, rtol=0)
+    ibn.eval()  # no running statistics in the IN half: a test image is still normalized by its own
+    torch.testing.assert_close(ibn(restyled)[:, :4], ibn(x)[:, :4], atol=1e-4, rtol=1e-4)
+
+
+def test_ibn_sits_in_the_first_norm_of_every_block_of_stages_one_to_three():
+    network = resnet18(width=8, ibn=0.5)
+    split = [isinstance(block.bn1, IBN) for block in network.layers]
+    assert split == [True] * 6 + [False] * 2
+    assert not any(isinstance(block.bn2, IBN) for block in network.layers)
+    assert [block.bn1.half for block in network.layers[:6]] == [4, 4, 8, 8, 16, 16]
+    assert network(torch.rand(3, 3, 32, 32)).shape == (3, 10)
+    with pytest.raises(UserError, match="--ibn"):
+        Config(ibn=0.5, norm="none")
 
 
 def test_shared_geometry_gives_every_view_view_zeros_warp_and_colour():

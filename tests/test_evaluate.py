@@ -98,3 +98,12 @@ def test_a_model_without_batchnorm_drops_a_scripts_default_tta_and_blames_a_pass
     assert evaluation_config(cli(script, ["--evaluate", "m.pt", "--tta", "t3a"]), "m.pt", saved).tta == "t3a"
     with pytest.raises(UserError, match=r"^--tta bn,shot adapts BatchNorm layers and m.pt has none \(trained with --norm none\)"):
         evaluation_config(cli(script, ["--evaluate", "m.pt", "--tta", "bn,shot"]), "m.pt", saved)
+
+
+def test_a_model_file_written_before_a_network_field_existed_is_read_with_its_default(finished, tmp_path):
+    cfg, out = finished
+    saved = torch.load(out / "model.pt", weights_only=True)
+    older = tmp_path / "older.pt"
+    torch.save(dict(saved, config={k: v for k, v in saved["config"].items() if k != "ibn"}), older)  # before --ibn
+    results = evaluate_saved(dataclasses.replace(Config(), data_dir=cfg.data_dir, evaluate=str(older), tta="none"))
+    assert results["test"] == json.loads((out / "metrics.json").read_text())["test"]
