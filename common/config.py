@@ -152,8 +152,8 @@ POSITIVE = ("epochs", "batch_size", "lr", "width", "warmup", "prorandconv_layers
             "tent_batch", "dev_images", "amplitude_band", "amplitude_scale", "mixstyle_alpha", "shot_lr", "t3a_filter")
 NON_NEGATIVE = ("seed", "train_subset", "eval_subset", "weight_decay", "consistency", "rotate", "shear", "translate",
                 "crop_scale", "perspective", "jitter", "invert", "clip_grad", "prorandconv_offset", "prorandconv_affine")
-FRACTIONS = ("warmup", "momentum", "label_smoothing", "crop_scale", "jitter", "invert", "background", "randconv",
-             "prorandconv", "dg_ramp", "amplitude", "mixstyle", "swa", "ibn")
+FRACTIONS = ("warmup", "momentum", "label_smoothing", "crop_scale", "jitter", "dg_ramp", "swa", "ibn")
+PROBABILITIES = ("invert", "background", "randconv", "prorandconv", "amplitude", "mixstyle")
 AT_MOST = dict(seed=(2**31 - 1, "it seeds numpy too"), rotate=(180, "degrees"), shear=(60, "degrees"),
                translate=(0.5, "of the image size"), perspective=(0.5, "of the image size"),
                width=(1024, "channels"), prorandconv_layers=(50, "layers"), views=(8, "views"),
@@ -185,7 +185,8 @@ def check_fields(cfg):
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.name):
         raise UserError(f"--name must be a plain folder name (letters, digits, _ . -), got {cfg.name!r}")
     rules = ([(k, lambda v: v > 0, "> 0") for k in POSITIVE] + [(k, lambda v: v >= 0, ">= 0") for k in NON_NEGATIVE]
-             + [(k, lambda v: 0 <= v < 1, "in [0, 1)") for k in FRACTIONS])
+             + [(k, lambda v: 0 <= v < 1, "in [0, 1)") for k in FRACTIONS]
+             + [(k, lambda v: 0 <= v <= 1, "in [0, 1]") for k in PROBABILITIES])
     for key, holds, wanted in rules:
         if not holds(getattr(cfg, key)):
             raise UserError(f"{flag(key)} must be {wanted}, got {getattr(cfg, key)}")

@@ -53,7 +53,7 @@ def test_fixed_key_reproduces_the_batch():
 
 def test_invert_flips_polarity_per_image():
     x = batch()
-    assert torch.allclose(augment(x, Config(invert=0.99999), 1), 1 - x / 255, atol=1e-5)
+    assert torch.allclose(augment(x, Config(invert=1.0), 1), 1 - x / 255, atol=1e-5)
     half = augment(x[:1].expand(64, -1, -1, -1), Config(invert=0.5), 1)
     flipped = [torch.allclose(img, 1 - x[0] / 255, atol=1e-5) for img in half]
     assert 10 < sum(flipped) < 54  # each image draws its own coin
@@ -63,7 +63,7 @@ def test_adding_an_augmentation_keeps_the_draws_of_the_others(monkeypatch):
     x = batch()
     geometry = augment(x, Config(rotate=20, perspective=0.2), 5)
     # Inversion switched on: same rotations and perspectives, every image inverted.
-    assert torch.allclose(augment(x, Config(rotate=20, perspective=0.2, invert=0.99999), 5), 1 - geometry, atol=1e-5)
+    assert torch.allclose(augment(x, Config(rotate=20, perspective=0.2, invert=1.0), 5), 1 - geometry, atol=1e-5)
     # Jitter and shear switched on: the rotation draws the same angles from its own stream.
     drawn = []
     record = lambda key, name, columns, b, device: drawn.append((name, draw(key, name, columns, b, device))) or drawn[-1][1]

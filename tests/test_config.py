@@ -71,9 +71,10 @@ def test_flag_types_come_from_the_annotations():
                                   ["--weight-decay", "nan"], ["--seed", "-1"], ["--momentum", "1.5"],
                                   ["--val-fraction", "0.99"], ["--width", "0"], ["--rotate", "1000"],
                                   ["--name", "../elsewhere"], ["--name", "04_augmentation"], ["--resume", "--restart"],
-                                  ["--tta", "bn", "--norm", "none"], ["--randconv", "1"], ["--prorandconv", "1"],
+                                  ["--tta", "bn", "--norm", "none"], ["--randconv", "1.5"], ["--prorandconv", "-0.5"],
                                   ["--prorandconv-layers", "0"], ["--consistency", "-1"], ["--tta", "bn,bn"],
-                                  ["--tta", "shot,adabn"], ["--amplitude", "1"], ["--amplitude-band", "0.2"], ["--swa", "1"],
+                                  ["--tta", "shot,adabn"], ["--amplitude", "1.5"], ["--ibn", "1"], ["--ibn", "0.5", "--norm", "none"],
+                                  ["--amplitude-band", "0.2"], ["--swa", "1"],
                                   ["--mixstyle", "0.5", "--arch", "imagenet_resnet18"], ["--shot-lr", "0.1"],
                                   ["--consistency-geometry", "shared"], ["--t3a-filter", "0"],
                                   ["--consistency", "1", "--views", "1", "--rotate", "5"], ["--consistency", "1"],
@@ -88,6 +89,14 @@ def test_out_of_range_and_non_finite_flags_are_two_lines(argv, capsys):
         cli(BASE, argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 2 and "error:" in err[0] and "--help" in err[1], err
+
+
+def test_a_probability_may_be_one_and_a_fraction_of_steps_or_channels_may_not():
+    always = cli(BASE, ["--prorandconv", "1", "--background", "1", "--amplitude", "1", "--invert", "1"])
+    assert (always.prorandconv, always.background, always.amplitude, always.invert) == (1, 1, 1, 1)
+    for argv in (["--swa", "1"], ["--warmup", "1"], ["--ibn", "1"]):
+        with pytest.raises(SystemExit):
+            cli(BASE, argv)
 
 
 def test_a_scripts_default_can_be_switched_back_off_with_what_it_needs():

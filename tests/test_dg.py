@@ -49,7 +49,7 @@ def reference_pro_randconv(x, key, cfg):
 
 
 def test_pro_randconv_equals_l_applications_of_one_deform_conv2d_block():
-    cfg = Config(prorandconv=0.99999, prorandconv_layers=4, prorandconv_padding="zeros")
+    cfg = Config(prorandconv=1.0, prorandconv_layers=4, prorandconv_padding="zeros")
     x = images(6)
     torch.testing.assert_close(progressive_random_convolution(x, 11, cfg), reference_pro_randconv(x, 11, cfg),
                                atol=2e-5, rtol=1e-4)
@@ -57,8 +57,8 @@ def test_pro_randconv_equals_l_applications_of_one_deform_conv2d_block():
 
 def test_per_batch_mode_applies_one_block_to_the_whole_batch():
     x = images(1).expand(8, -1, -1, -1).contiguous()  # eight copies of one image
-    per_batch = progressive_random_convolution(x, 3, Config(prorandconv=0.99999, prorandconv_per="batch"))
-    per_image = progressive_random_convolution(x, 3, Config(prorandconv=0.99999))
+    per_batch = progressive_random_convolution(x, 3, Config(prorandconv=1.0, prorandconv_per="batch"))
+    per_image = progressive_random_convolution(x, 3, Config(prorandconv=1.0))
     assert all(torch.allclose(per_batch[0], y, atol=1e-6) for y in per_batch)  # one virtual domain
     assert not torch.allclose(per_image[0], per_image[1], atol=1e-3)
     assert not torch.allclose(per_batch[0], x[0], atol=1e-2)
@@ -83,8 +83,8 @@ def test_random_field_offsets_are_smooth_and_white_ones_are_not():
     field = smooth_field(noise, 4.0)
     assert neighbour_correlation(field) > 0.9 and abs(neighbour_correlation(noise)) < 0.05
     assert torch.allclose(field.std((2, 3)), torch.ones(4, 18), atol=1e-4)  # same scale as the white offsets
-    a = progressive_random_convolution(images(4), 5, Config(prorandconv=0.99999, prorandconv_offsets="field"))
-    b = progressive_random_convolution(images(4), 5, Config(prorandconv=0.99999))
+    a = progressive_random_convolution(images(4), 5, Config(prorandconv=1.0, prorandconv_offsets="field"))
+    b = progressive_random_convolution(images(4), 5, Config(prorandconv=1.0))
     assert a.shape == b.shape and not torch.allclose(a, b)
 
 
@@ -95,7 +95,7 @@ def test_matched_outputs_take_each_clean_images_mean_and_std():
     torch.testing.assert_close(matched.mean((2, 3)), x.mean((2, 3)), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(matched.std((2, 3)), x.std((2, 3)), atol=1e-5, rtol=1e-4)
     assert torch.equal(match(out, x, "unit"), out)
-    through = augment((x * 255).to(torch.uint8), Config(prorandconv=0.99999, dg_output="matched"), 2)
+    through = augment((x * 255).to(torch.uint8), Config(prorandconv=1.0, dg_output="matched"), 2)
     clean = augment((x * 255).to(torch.uint8), Config(), 2)
     torch.testing.assert_close(through.mean((2, 3)), clean.mean((2, 3)), atol=1e-4, rtol=1e-4)
 
@@ -108,13 +108,13 @@ def digit_on_black(n):
 
 
 def test_background_puts_a_texture_behind_a_digit_that_stays_visible():
-    out = augment(digit_on_black(16), Config(background=0.99999), 4)
+    out = augment(digit_on_black(16), Config(background=1.0), 4)
     behind, stroke = out[:, :, 2:30, 0:8], out[:, :, 10:22, 14:18]
     assert (behind.std((2, 3)) > 0.01).all()                         # a texture, not a flat colour
     assert not torch.allclose(behind[0], behind[1])                  # every image its own
     contrast = (stroke.mean((2, 3)) - behind.mean((2, 3))).abs().max(1).values
     assert (contrast > 0.2).all()                                    # the digit is still there to read
-    assert torch.equal(augment(digit_on_black(16), Config(background=0.99999), 4), out)  # seeded by the key
+    assert torch.equal(augment(digit_on_black(16), Config(background=1.0), 4), out)  # seeded by the key
     assert torch.equal(augment(digit_on_black(16), Config(background=0.0), 4), digit_on_black(16) / 255)
 
 
@@ -197,7 +197,7 @@ def test_a_dg_recipe_trains_above_the_majority_class_on_every_seed(data_dir, see
 
 def test_amplitude_perturbation_keeps_the_phase_and_each_channels_mean():
     x = images(8)
-    cfg = Config(amplitude=0.99999, amplitude_band=0.15, amplitude_scale=0.5)
+    cfg = Config(amplitude=1.0, amplitude_band=0.15, amplitude_scale=0.5)
     out = amplitude_perturbation(x, 3, cfg)
     spectrum, perturbed = torch.fft.fft2(x.double()), torch.fft.fft2(out.double())
     turned = (perturbed * spectrum.conj()).angle()  # 0 where the phase is kept: it holds the shapes
@@ -263,7 +263,7 @@ def test_shared_geometry_gives_every_view_view_zeros_warp_and_colour():
     shared = Config(**geometry, consistency=1.0, consistency_geometry="shared")
     assert torch.equal(augment(x, shared, 7, view=1), augment(x, shared, 7, view=0))
     assert not torch.equal(augment(x, Config(**geometry), 7, view=1), augment(x, Config(**geometry), 7, view=0))
-    cross = dataclasses.replace(shared, prorandconv=0.99999, prorandconv_layers=2)  # the cross-domain draws stay per view
+    cross = dataclasses.replace(shared, prorandconv=1.0, prorandconv_layers=2)  # the cross-domain draws stay per view
     assert not torch.equal(augment(x, cross, 7, view=1), augment(x, cross, 7, view=2))
     assert torch.equal(augment(x, clean_view(cross), 7, view=0), augment(x, shared, 7, view=1))
 
