@@ -121,11 +121,14 @@ def loss_function(cfg):
     return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
 
-def jensen_shannon(logits):
+def jensen_shannon(logits, fixed_first=False):
     """Generalized Jensen-Shannon divergence between the predictions of several views (V, B, classes) of one
     batch: the mean KL from each view's softmax to their mixture (AugMix, Hendrycks et al., ICLR 2020).
-    Zero iff all views predict alike; at most ln V."""
+    Zero iff all views predict alike; at most ln V. fixed_first: the same value, no gradient through the first
+    view's prediction, a target the others move to (UDA, Xie et al., NeurIPS 2020, holds its clean one fixed)."""
     log_p = F.log_softmax(logits.float(), -1)
+    if fixed_first:
+        log_p = torch.cat([log_p[:1].detach(), log_p[1:]])
     log_mixture = torch.logsumexp(log_p, 0) - math.log(len(log_p))
     return (log_p.exp() * (log_p - log_mixture)).sum(-1).mean()
 
@@ -161,7 +164,7 @@ def training_loss(model, xb, yb, cfg, key, loss_fn, precision):
     else:
         loss = loss_fn(logits.flatten(0, 1), yb.repeat(views))
     if views > 1:
-        loss = loss + cfg.consistency * jensen_shannon(logits)
+        loss = loss + cfg.consistency * jensen_shannon(logits, fixed_first=cfg.consistency_fixed_clean)
     return loss, logits[0]
 
 

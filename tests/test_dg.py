@@ -178,6 +178,27 @@ def test_clean_anchored_consistency_is_cross_entropy_on_the_clean_view_plus_jsd_
     assert torch.equal(clean, augment(x, Config(rotate=10), 4))  # the clean view keeps the geometry
 
 
+def test_a_fixed_clean_target_keeps_the_jsd_and_moves_only_the_cross_domain_views():
+    logits = torch.randn(3, 5, 10, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    fixed = jensen_shannon(logits, fixed_first=True)
+    torch.testing.assert_close(fixed, jensen_shannon(logits))
+    gradient, = torch.autograd.grad(fixed, logits)
+    assert torch.equal(gradient[0], torch.zeros_like(gradient[0])) and gradient[1:].abs().amin((1, 2)).gt(0).all()
+    # wired into the training loss: its gradient is cross-entropy on the clean view + the JSD moving the others
+    torch.manual_seed(0)
+    model = resnet18(width=8).eval()
+    x, y = (images(6) * 255).to(torch.uint8), torch.arange(6)
+    cfg = Config(rotate=10, prorandconv=1.0, prorandconv_layers=2, consistency=2.0, consistency_clean=True,
+                 consistency_fixed_clean=True)
+    loss, _ = training_loss(model, x, y, cfg, 4, loss_function(cfg), "fp32")
+    got = torch.autograd.grad(loss, model.fc.weight)[0]
+    logits = torch.stack([model(augment(x, clean_view(cfg), 4)), model(augment(x, cfg, 4, 1))])
+    for fixed_first, same in ((True, True), (False, False)):
+        expected = loss_function(cfg)(logits[0], y) + 2.0 * jensen_shannon(logits, fixed_first=fixed_first)
+        assert torch.allclose(got, torch.autograd.grad(expected, model.fc.weight, retain_graph=True)[0],
+                              rtol=1e-4, atol=1e-5) == same
+
+
 def reverse_recipe():
     """07's CONFIG with only its sizes changed (network width, epochs, batch, images): the recipe itself, not a copy."""
     spec = importlib.util.spec_from_file_location("reverse_mnist", ROOT / "07_reverse_mnist.py")
