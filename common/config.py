@@ -98,6 +98,7 @@ class Config:
     consistency: float = 0.0        # weight of a Jensen-Shannon consistency across augmented views, each view its own warp (unlike AugMix) unless --consistency-geometry shared; 0 = one view
     views: int = 2                  # augmented views per image when --consistency > 0: each extra view costs one more forward/backward
     consistency_clean: bool = False # view 0 without the cross-domain augmentations, cross-entropy on it alone, JSD over all
+    consistency_dg_ce: bool = False # with --consistency-clean, the cross-domain views' cross-entropy added to the clean view's (RandConv's loss trains every view on its label)
     consistency_fixed_clean: bool = False  # the clean view's prediction a fixed target of the JSD, no gradient (UDA's consistency): it moves only the other views
     consistency_geometry: str = "independent"  # independent: each view its own warp and colour | shared: one per image, as AugMix
     mixstyle: float = 0.0           # probability per batch of MixStyle after the first two stages: feature statistics mixed across images
@@ -235,6 +236,7 @@ NEEDS = dict(
     views=(lambda cfg: cfg.consistency > 0, "--consistency > 0"),
     consistency_clean=(lambda cfg: cfg.consistency > 0, "--consistency > 0"),
     consistency_fixed_clean=(lambda cfg: cfg.consistency_clean, "--consistency-clean"),
+    consistency_dg_ce=(lambda cfg: cfg.consistency_clean, "--consistency-clean"),
     weights=(IMAGENET, "--arch imagenet_resnet18"), transfer_input=(IMAGENET, "--arch imagenet_resnet18"),
     pretrained=(IMAGENET, "--arch imagenet_resnet18"),
     prorandconv_layers=(PRORANDCONV, "--prorandconv > 0"), prorandconv_per=(PRORANDCONV, "--prorandconv > 0"),

@@ -150,8 +150,9 @@ def clean_view(cfg):
 def training_loss(model, xb, yb, cfg, key, loss_fn, precision):
     """(loss, logits of the first view) of one batch. With --consistency: cfg.views augmented views in one
     forward pass, cross-entropy averaged over them plus the weighted Jensen-Shannon consistency; with
-    --consistency-clean, view 0 is the clean view and the only one with cross-entropy (AugMix). Augmentation
-    runs outside autocast: in fp32 whatever the model's precision."""
+    --consistency-clean, view 0 is the clean view and the only one with cross-entropy (AugMix), unless
+    --consistency-dg-ce adds the other views' mean cross-entropy to it. Augmentation runs outside autocast:
+    in fp32 whatever the model's precision."""
     views = cfg.views if cfg.consistency else 1
     augment_cfg = cfg if cfg.augments else None
     inputs = torch.cat([to_input(xb, clean_view(cfg) if view == 0 and cfg.consistency_clean else augment_cfg, key, view)
@@ -161,6 +162,8 @@ def training_loss(model, xb, yb, cfg, key, loss_fn, precision):
     logits = logits.float().view(views, len(xb), -1)
     if cfg.consistency_clean:
         loss = loss_fn(logits[0], yb)
+        if cfg.consistency_dg_ce:
+            loss = loss + loss_fn(logits[1:].flatten(0, 1), yb.repeat(views - 1))
     else:
         loss = loss_fn(logits.flatten(0, 1), yb.repeat(views))
     if views > 1:

@@ -178,6 +178,23 @@ def test_clean_anchored_consistency_is_cross_entropy_on_the_clean_view_plus_jsd_
     assert torch.equal(clean, augment(x, Config(rotate=10), 4))  # the clean view keeps the geometry
 
 
+def test_cross_entropy_on_the_cross_domain_views_is_added_to_the_clean_views():
+    torch.manual_seed(0)
+    model = resnet18(width=8).eval()
+    x, y = (images(6) * 255).to(torch.uint8), torch.arange(6)
+    cfg = Config(rotate=10, prorandconv=0.9, prorandconv_layers=2, consistency=2.0, views=3, consistency_clean=True,
+                 consistency_dg_ce=True, label_smoothing=0.1)
+    loss, _ = training_loss(model, x, y, cfg, 4, loss_function(cfg), "fp32")
+    logits = torch.stack([model(augment(x, clean_view(cfg), 4))] + [model(augment(x, cfg, 4, v)) for v in (1, 2)])
+    ce = loss_function(cfg)
+    expected = ce(logits[0], y) + (ce(logits[1], y) + ce(logits[2], y)) / 2 + 2.0 * jensen_shannon(logits)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+    without, _ = training_loss(model, x, y, dataclasses.replace(cfg, consistency_dg_ce=False), 4, ce, "fp32")
+    assert loss - without > 0.1  # the cross-domain views' cross-entropy is really there
+    with pytest.raises(UserError, match="--consistency-dg-ce has no effect without --consistency-clean"):
+        Config(rotate=10, prorandconv=0.9, consistency=2.0, consistency_dg_ce=True, overrides="consistency_dg_ce")
+
+
 def test_a_fixed_clean_target_keeps_the_jsd_and_moves_only_the_cross_domain_views():
     logits = torch.randn(3, 5, 10, generator=torch.Generator().manual_seed(0)).requires_grad_()
     fixed = jensen_shannon(logits, fixed_first=True)
