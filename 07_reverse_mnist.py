@@ -2,13 +2,14 @@
 
 Question: how far does a model trained on clean MNIST digits carry over to street-view SVHN digits (and to
 MNIST-M and USPS when their files are present)?
-Differs from 01_base in the training set (MNIST), in 04's augmentation and label smoothing, and in its
-domain-generalization recipe below (per-image standardization, cluttered backgrounds, Pro-RandConv, random
-Fourier amplitudes, a clean-anchored JSD between views that share their geometry, a ramp, gradient
-clipping). The recipe is this file's, whatever results/ holds; --inherit-best takes the network and
-optimization recipe of the best finished 01-06 experiment instead (the writeup's procedure), and prints and
-records which. Recipes are chosen on the MNIST validation split and the dev domains (MNIST-M and USPS train
-files), never on SVHN: SVHN is the held-out domain (README "Protocol"). Saves model.pt, which 08 starts from.
+Differs from 01_base in the training set (MNIST), in 04's augmentation (without its perspective warp) and
+label smoothing, and in its domain-generalization recipe below (per-image standardization, cluttered
+backgrounds, Pro-RandConv, random Fourier amplitudes, a clean-anchored JSD between views that share their
+geometry, a ramp, gradient clipping). The recipe is this file's, whatever results/ holds; --inherit-best takes
+the network and optimization recipe of the best finished 01-06 experiment instead (the writeup's procedure),
+and prints and records which. Recipes are chosen on the MNIST validation split and the dev domains (MNIST-M
+and USPS train files), never on SVHN: SVHN is the held-out domain (README "Protocol"). Saves model.pt, which
+08 starts from.
     python 07_reverse_mnist.py [--train-subset 10000] [--epochs 7] [--inherit-best] [--quick]
 """
 import dataclasses
@@ -32,8 +33,7 @@ CONFIG = ReverseConfig(
     batch_size=64,            # twice the steps of 128 in the same time: every seed past 50% train accuracy in epoch 1
     warmup=0.15,              # one epoch of warm-up, as in the 5-epoch pilots the recipe was chosen on
     label_smoothing=0.1,      # 04's recipe, with its augmentation
-    **AUGMENT_04,
-    **CROSS_DOMAIN,           # the cross-domain recipe (common/config.py), chosen on the dev domains
+    **(AUGMENT_04 | CROSS_DOMAIN),  # 04's augmentation under the cross-domain recipe (common/config.py)
 )
 
 

@@ -58,6 +58,11 @@ def test_07s_help_gives_its_own_reasons_not_01s(capsys):
     assert "(default: 7; 01_base: 15)" in out and "converge on full SVHN" not in out  # 01's reason for 15 epochs
     assert "the first steps on strange textures otherwise swing the weights far (default: 1.0; 01_base: 0.0)" in out
     assert "DG_FIELDS" not in out and "ReverseConfig" not in out  # no internal names
+    # 04's augmentation under the cross-domain preset: where both set a field (the perspective warp), 07 takes
+    # the preset's value, and 04's other strengths unchanged.
+    from common import AUGMENT_04, CROSS_DOMAIN
+    assert AUGMENT_04["perspective"] > 0 and script.CONFIG.perspective == CROSS_DOMAIN["perspective"] == 0
+    assert all(getattr(script.CONFIG, k) == v for k, v in AUGMENT_04.items() if k not in CROSS_DOMAIN)
 
 
 def test_flag_types_come_from_the_annotations():
