@@ -47,6 +47,7 @@ def dg_stack():
 
 
 def dg_extras(cfg):
+    """What 07's augmentation sets differently from 04's stack: the cross-domain views, and the warp it drops."""
     return ", ".join(f"{k} {getattr(cfg, k)}" for k in AUGMENT_FIELDS if getattr(cfg, k) != getattr(STACK, k))
 
 
@@ -328,7 +329,7 @@ def make_rows(s, base, ours, compiled=None):
         ("augment", f"04's stack: v2 per image, {loader_side} vs batches of {s.batch_size}", base["augment"], ours["augment"], n_epoch),
         ("augment_writeup", f"04's stack: PIL per image, {loader_side} vs batches of {s.batch_size}",
          base["augment_writeup"], ours["augment"], n_epoch),
-        ("augment_dg", f"ours: 04's stack vs 07's (+ {dg_extras(dg_stack())}); baseline = ours without them",
+        ("augment_dg", f"ours: 04's stack vs 07's (04's with {dg_extras(dg_stack())})",
          ours["augment"], ours["augment_dg"], n_epoch),
         ("deformable_conv", f"one Pro-RandConv layer on {ours['deformable_images']} images: grouped deform_conv2d "
          "(groups = B) vs one grid_sample + einsum", ours["deform_conv2d_grouped"], ours["deformable"], ours["deformable_images"]),
@@ -400,7 +401,7 @@ def table(result):
                      f"{per_core:>19}   {r['detail']}")
     lines.append(f"RSS of a fresh process (torch and the project imported) holding our four datasets: "
                  f"{result['process_rss_mib']:.0f} MiB")
-    lines.append(f"the DG augmentation (07's: 04's stack + {result['dg_augmentation']}) per image costs "
+    lines.append(f"the DG augmentation (07's: 04's stack with {result['dg_augmentation']}) per image costs "
                  f"{100 * result['dg_augment_share_of_train_step']:.1f}% of a train step's time")
     step = result["recipe_step"]
     lines.append(f"07's training step as fit() runs it (width {step['width']}, batch {step['batch_size']}, two views, "
