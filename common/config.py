@@ -126,6 +126,7 @@ class Config:
     restart: bool = False           # discard an interrupted run's saved epochs and start over (never done unasked)
     evaluate: str = ""              # a model.pt: test it on every present domain (and --tta), no training; writes <its folder>.evaluation.json
     dev_only: bool = False          # --evaluate on the dev sets alone: choosing a --tta method or its settings sees no test set
+    blind: bool = False             # a training run's test row goes to metrics.json only, not to its log or plot titles: a pilot watched as it runs shows no test number
     overrides: str = ""             # not a flag: cli() records the fields given on the command line, comma-separated
 
     def __post_init__(self):
@@ -222,6 +223,9 @@ def check_combinations(cfg):
         raise UserError("--ibn splits the BatchNorm layers of our ResNet: it needs --arch resnet18 --norm batch")
     if cfg.mixstyle and cfg.arch != "resnet18":
         raise UserError("--mixstyle mixes the feature statistics of our ResNet's stages: it needs --arch resnet18")
+    if cfg.blind and cfg.evaluate:
+        raise UserError("--blind hides a training run's test row; --evaluate prints what it tests: add --dev-only "
+                        "to leave the test sets out")
     if cfg.resume and cfg.restart:
         raise UserError("--resume continues the saved run and --restart discards it: pass one of them")
     base = {f.name: f.default for f in dataclasses.fields(Config)}  # Config's, not a script's subclass defaults

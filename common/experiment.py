@@ -162,8 +162,8 @@ def finish(trial, model, data, results):
     cfg, staging = trial.cfg, trial.staging
     for domain in results["confusion"]:
         if domain != cfg.dataset:
-            accuracy = 100 * results["test"][domain]
-            plot_confusion(results["confusion"][domain], f"{cfg.name}: {TITLES[domain]} test ({accuracy:.1f}%)",
+            accuracy = "" if cfg.blind else f" ({100 * results['test'][domain]:.1f}%)"
+            plot_confusion(results["confusion"][domain], f"{cfg.name}: {TITLES[domain]} test{accuracy}",
                            staging / f"confusion_{domain}.png")
     plot_curves(trial.progress, cfg.name, staging)
     write_history(staging / "history.csv", trial.progress.history)
@@ -181,10 +181,12 @@ def finish(trial, model, data, results):
 
 def print_result(trial, metrics):
     test = " | ".join(f"{TITLES[d]} {100 * v:.2f}%" for d, v in metrics["test"].items())
+    if trial.cfg.blind:
+        test = "in metrics.json, not shown (--blind)"
     dev = ", ".join(f"{TITLES[d]} {100 * v:.2f}%" for d, v in metrics["dev"].items())
     print(f"test (epoch {trial.progress.best_epoch}, chosen on validation): {test} | dev (train files): {dev or '—'} | "
           f"{metrics['wall_time_s']:.0f}s on {metrics['device_name']} ({trial.precision})")
-    for split in ("test", "dev"):
+    for split in ("dev",) if trial.cfg.blind else ("test", "dev"):
         for method, by_domain in metrics[f"{split}_tta"].items():
             print(f"{split} after --tta {method}: "
                   + " | ".join(f"{TITLES[d]} {100 * v:.2f}%" for d, v in by_domain.items()))

@@ -89,7 +89,7 @@ def configure_backends(device, deterministic):
 # --- folders, provenance, checkpoints --------------------------------------------------------------------
 
 # Fields that may change between an interrupted run and its --resume without changing the result.
-RESUMABLE_CHANGES = {"resume", "restart", "data_dir", "results_dir", "overrides", "tta"}
+RESUMABLE_CHANGES = {"resume", "restart", "data_dir", "results_dir", "overrides", "tta", "blind"}
 
 
 def run_dir(cfg):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from common import cli, launch, run
+from common import Config, cli, launch, run
 from conftest import ROOT, run_script
 
 SCRIPTS = sorted(p.name for p in ROOT.glob("[0-9][0-9]_*.py"))
@@ -63,6 +63,19 @@ def test_tta_is_reported_by_every_procedure(script, data_dir, tmp_path):
     metrics = json.loads((tmp_path / "quick" / script[:-3] / "seed-0" / "metrics.json").read_text())
     target = "svhn" if script.startswith("07") else "mnist"
     assert set(metrics["test_tta"]) == {"bn"} and 0 <= metrics["test_tta"]["bn"][target] <= 1
+
+
+def test_a_blind_run_writes_its_test_row_to_metrics_only(data_dir, tmp_path, capsys, monkeypatch):
+    titles = []
+    monkeypatch.setattr("common.experiment.plot_confusion", lambda matrix, title, path: titles.append(title))
+    run_in_process("07_reverse_mnist.py", "--quick", "--width", "8", "--tta", "bn", "--blind", "--data-dir", data_dir,
+                   "--results-dir", tmp_path)
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "quick" / "07_reverse_mnist" / "seed-0" / "metrics.json").read_text())
+    assert 0 <= metrics["test"]["svhn"] <= 1 and 0 <= metrics["test_tta"]["bn"]["svhn"] <= 1
+    assert "SVHN" not in out and "%" not in " ".join(titles) and titles  # the log's test rows name SVHN
+    with pytest.raises(SystemExit):  # --evaluate prints what it tests; --dev-only is its way to leave them out
+        cli(Config(), ["--blind", "--evaluate", str(tmp_path / "model.pt")])
 
 
 @pytest.mark.slow
