@@ -180,9 +180,8 @@ def finish(trial, model, data, results):
 
 
 def print_result(trial, metrics):
-    test = " | ".join(f"{TITLES[d]} {100 * v:.2f}%" for d, v in metrics["test"].items())
-    if trial.cfg.blind:
-        test = "in metrics.json, not shown (--blind)"
+    test = ("in metrics.json, not shown (--blind)" if trial.cfg.blind
+            else " | ".join(f"{TITLES[d]} {100 * v:.2f}%" for d, v in metrics["test"].items()))
     dev = ", ".join(f"{TITLES[d]} {100 * v:.2f}%" for d, v in metrics["dev"].items())
     print(f"test (epoch {trial.progress.best_epoch}, chosen on validation): {test} | dev (train files): {dev or '—'} | "
           f"{metrics['wall_time_s']:.0f}s on {metrics['device_name']} ({trial.precision})")

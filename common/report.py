@@ -228,7 +228,7 @@ def profile_label(config):
 # the seed) are seeds of one recipe. Test-time adaptation is evaluated apart from the source-only numbers.
 NOT_RECIPE = {"seed", "data_dir", "results_dir", "overrides", "resume", "restart", "device", "amp", "deterministic",
               "sync_bn", "compile", "evaluate", "quick", "tta", "tent_lr", "tent_batch", "shot_lr", "t3a_filter",
-              "dev_images", "dev_only"}
+              "dev_images", "dev_only", "blind"}
 # A field a run's code did not have yet is read as its default, which keeps what that code did (a flag is added so).
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 

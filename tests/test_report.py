@@ -153,7 +153,7 @@ def test_runs_of_different_recipes_are_rows_of_their_own_named_by_what_differs(t
     write(tmp_path / "07_reverse_mnist/seed-0/metrics.json", metrics(0.60, 0.99, 0, dataset="mnist", width=48))
     write(tmp_path / "07_reverse_mnist/seed-1/metrics.json", metrics(0.70, 0.99, 1, dataset="mnist", width=64))
     write(tmp_path / "07_reverse_mnist/seed-2/metrics.json",
-          dict(metrics(0.62, 0.99, 2, dataset="mnist", width=48, data_dir="/elsewhere")))  # where it ran: same recipe
+          dict(metrics(0.62, 0.99, 2, dataset="mnist", width=48, data_dir="/elsewhere", blind=True)))  # same recipe
     rows = [line.split(" | ")[:2] for line in summary(tmp_path).splitlines() if line.startswith("| 07_reverse_mnist (")]
     assert rows[:2] == [["| 07_reverse_mnist (width=48)", "61.00 ± 1.41"], ["| 07_reverse_mnist (width=64)", "70.00"]]
 
