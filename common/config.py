@@ -103,6 +103,7 @@ class Config:
     consistency_clean: bool = False # view 0 without the cross-domain augmentations, cross-entropy on it alone, JSD over all
     consistency_dg_ce: bool = False # with --consistency-clean, the cross-domain views' cross-entropy added to the clean view's (RandConv's loss trains every view on its label)
     consistency_fixed_clean: bool = False  # the clean view's prediction a fixed target of the JSD, no gradient (UDA's consistency): it moves only the other views
+    consistency_decay: float = 0.0  # the consistency weight falls linearly by this fraction of itself over training (0.8: 5 at the first step, 1 at the last)
     consistency_geometry: str = "independent"  # independent: each view its own warp and colour | shared: one per image, as AugMix
     mixstyle: float = 0.0           # probability per batch of MixStyle after the first two stages: feature statistics mixed across images
     mixstyle_alpha: float = 0.1     # MixStyle's mixing weight ~ Beta(alpha, alpha) (the paper's 0.1)
@@ -159,7 +160,8 @@ POSITIVE = ("epochs", "batch_size", "lr", "width", "warmup", "prorandconv_layers
             "tent_batch", "dev_images", "amplitude_band", "amplitude_scale", "mixstyle_alpha", "shot_lr", "t3a_filter")
 NON_NEGATIVE = ("seed", "train_subset", "eval_subset", "weight_decay", "consistency", "rotate", "shear", "translate",
                 "crop_scale", "perspective", "jitter", "invert", "clip_grad", "prorandconv_offset", "prorandconv_affine")
-FRACTIONS = ("warmup", "momentum", "label_smoothing", "crop_scale", "jitter", "dg_ramp", "swa", "ibn")
+FRACTIONS = ("warmup", "momentum", "label_smoothing", "crop_scale", "jitter", "dg_ramp", "swa", "ibn",
+             "consistency_decay")
 PROBABILITIES = ("invert", "background", "randconv", "prorandconv", "amplitude", "mixstyle")
 AT_MOST = dict(seed=(2**31 - 1, "it seeds numpy too"), rotate=(180, "degrees"), shear=(60, "degrees"),
                translate=(0.5, "of the image size"), perspective=(0.5, "of the image size"),
@@ -261,6 +263,7 @@ NEEDS = dict(
     amplitude_scale=(lambda cfg: cfg.amplitude > 0, "--amplitude > 0"),
     mixstyle_alpha=(lambda cfg: cfg.mixstyle > 0, "--mixstyle > 0"),
     consistency_geometry=(lambda cfg: cfg.consistency > 0, "--consistency > 0"),
+    consistency_decay=(lambda cfg: cfg.consistency > 0, "--consistency > 0"),
 )
 
 

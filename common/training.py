@@ -134,7 +134,7 @@ def jensen_shannon(logits, fixed_first=False):
 
 
 def derived(cfg, **changes):
-    """A per-step variant of cfg (a ramped or a clean view's strengths), not a config of its own: it skips the
+    """A per-step variant of cfg (a scheduled or a clean view's strengths), not a config of its own: it skips the
     cross-field checks, which judge what a user asks for, not a view of it."""
     view = copy.copy(cfg)
     for key, value in changes.items():
@@ -171,12 +171,16 @@ def training_loss(model, xb, yb, cfg, key, loss_fn, precision):
     return loss, logits[0]
 
 
-def ramped(cfg, done):
-    """cfg with the cross-domain augmentations scaled by how far training is (`done`, a fraction) into the
-    --dg-ramp: a network that has first learned the digits meets the strange textures gradually."""
-    if not cfg.dg_ramp or done >= cfg.dg_ramp:
-        return cfg
-    return derived(cfg, **{k: getattr(cfg, k) * done / cfg.dg_ramp for k in DG_FIELDS})
+def scheduled(cfg, done):
+    """cfg as it stands `done` (a fraction) into training: the cross-domain augmentations scaled up over the
+    --dg-ramp (a network that has first learned the digits meets the strange textures gradually), and the
+    consistency weight decayed by --consistency-decay (invariance learned early; the last steps fit the source)."""
+    changes = {}
+    if cfg.dg_ramp and done < cfg.dg_ramp:
+        changes.update({k: getattr(cfg, k) * done / cfg.dg_ramp for k in DG_FIELDS})
+    if cfg.consistency_decay:
+        changes["consistency"] = cfg.consistency * (1 - cfg.consistency_decay * done)
+    return derived(cfg, **changes) if changes else cfg
 
 
 # Cross-entropy over 10 classes starts near ln 10 = 2.3; a train loss of 1,000 means logit margins of 1,000 the
@@ -299,7 +303,7 @@ def train_epoch(model, optimizer, schedule, scaler, cfg, train, epoch, precision
         if world > 1:  # this rank's slice of the global batch
             xb, yb = xb.chunk(world)[rank], yb.chunk(world)[rank]
         key = augment_key(cfg.seed, epoch, step) * world + rank
-        step_cfg = ramped(cfg, (epoch * steps + step) / (cfg.epochs * steps))
+        step_cfg = scheduled(cfg, (epoch * steps + step) / (cfg.epochs * steps))
         loss, logits = train_step(model, optimizer, scaler, step_cfg, xb, yb, key, loss_fn, precision)
         schedule.step()
         if average and epoch * steps + step + 1 > (1 - cfg.swa) * cfg.epochs * steps:

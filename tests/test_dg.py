@@ -13,7 +13,7 @@ from common import Config, UserError
 from common.augment import (amplitude_perturbation, augment, draw, match, noise_texture, progressive_random_convolution,
                             random_convolution, smooth_field, stream)
 from common.training import (Progress, clean_view, evaluate, fit, jensen_shannon, loss_function, make_optimizer, make_schedule,
-                          ramped, train_epoch, training_loss)
+                          scheduled, train_epoch, training_loss)
 from common.models import IBN, MixStyle, resnet18
 from conftest import ROOT, train_in_memory
 
@@ -127,11 +127,26 @@ def test_noise_texture_has_a_falling_spectrum():
 
 def test_dg_ramp_scales_only_the_cross_domain_augmentations_over_its_span():
     cfg = Config(rotate=15, invert=0.5, prorandconv=0.8, background=0.5, dg_ramp=0.4)
-    assert ramped(cfg, 0.0).prorandconv == 0.0 and ramped(cfg, 0.0).background == 0.0 and ramped(cfg, 0.0).rotate == 15
-    half = ramped(cfg, 0.2)
+    assert scheduled(cfg, 0.0).prorandconv == 0.0 and scheduled(cfg, 0.0).background == 0.0
+    assert scheduled(cfg, 0.0).rotate == 15
+    half = scheduled(cfg, 0.2)
     assert (half.invert, half.prorandconv) == pytest.approx((0.25, 0.4))
-    assert ramped(cfg, 0.4) is cfg and ramped(dataclasses.replace(cfg, dg_ramp=0.0), 0.0) is not None
-    assert ramped(dataclasses.replace(cfg, dg_ramp=0.0), 0.0).prorandconv == 0.8
+    assert scheduled(cfg, 0.4) is cfg and scheduled(dataclasses.replace(cfg, dg_ramp=0.0), 0.0).prorandconv == 0.8
+
+
+def test_consistency_decay_lowers_the_weight_linearly_and_the_loss_uses_the_step_weight():
+    cfg = Config(width=8, rotate=15, background=0.5, consistency=5, consistency_clean=True, consistency_decay=0.8,
+                 amp="off")
+    weights = [scheduled(cfg, done).consistency for done in (0.0, 0.5, 1.0)]
+    assert weights == pytest.approx([5.0, 3.0, 1.0]) and scheduled(cfg, 0.5).background == 0.5
+    torch.manual_seed(0)
+    model, xb, yb = resnet18(width=8).eval(), torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8)
+    losses = [training_loss(model, xb, yb, scheduled(cfg, done), 0, loss_function(cfg), "fp32")[0].item()
+              for done in (0.0, 0.5, 1.0)]
+    # Same views and logits at every step: the loss moves only by the weight times the same JSD (> 0).
+    assert losses[0] > losses[1] > losses[2] and losses[0] - losses[1] == pytest.approx(losses[1] - losses[2], rel=1e-4)
+    with pytest.raises(UserError, match="--consistency-decay must be in"):
+        Config(consistency=5, rotate=15, consistency_decay=1.0)
 
 
 def test_norm_and_bias_parameters_are_not_decayed_when_asked():
