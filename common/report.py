@@ -130,15 +130,22 @@ def selection(full):
              table_header(["experiment", "seed", "epochs", "train acc after epoch 1", "source val", *(f"dev {TITLES[d]}" for d in dev),
                            "dev mean", "wall time", "device"])]
     for name, runs in full.items():
+        columns = []  # per run: epoch-1 train accuracy, validation, each dev set, the dev mean (fractions; None: absent)
         for m in runs:
             scores = accuracies(m.get("dev"))
             history = m.get("history") if isinstance(m.get("history"), list) else []
             first = history[0].get("train_acc") if history and isinstance(history[0], dict) else None
-            cells = [f"{100 * first:.1f}" if number(first) else "—", f"{100 * m['best_val_acc']:.2f}"]
-            cells += [f"{100 * scores[d]:.2f}" if d in scores else "—" for d in dev]
-            cells.append(f"{100 * sum(scores.values()) / len(scores):.2f}" if scores else "—")
-            lines.append(f"| {name} | {m['config']['seed']} | {m['config']['epochs']} | " + " | ".join(cells)
+            columns.append([first if number(first) else None, m["best_val_acc"], *(scores.get(d) for d in dev),
+                            sum(scores.values()) / len(scores) if scores else None])
+            lines.append(f"| {name} | {m['config']['seed']} | {m['config']['epochs']} | "
+                         + " | ".join("—" if v is None else f"{100 * v:.{1 if i == 0 else 2}f}"
+                                      for i, v in enumerate(columns[-1]))
                          + f" | {duration(m['wall_time_s'])} | {m['device_name']} ({m['precision']}) |")
+        if len(runs) > 1:  # what a three-seed rule reads: each column's mean ± std over the seeds, the slowest seed
+            cells = [mean_std(present) if (present := [c[i] for c in columns if c[i] is not None]) else "—"
+                     for i in range(len(columns[0]))]
+            lines.append(f"| {name} | mean ± std | {joined(m['config']['epochs'] for m in runs)} | " + " | ".join(cells)
+                         + f" | at most {duration(max(m['wall_time_s'] for m in runs))} | |")
     return lines
 
 

@@ -1,6 +1,6 @@
 import json
 
-from common.report import main, published_table, summary
+from common.report import main, published_table, selection_report, summary
 
 
 def metrics(svhn, mnist, seed, **config):
@@ -189,6 +189,19 @@ def test_selection_only_shows_what_chooses_and_no_test_number(tmp_path):
     assert "| 07-swa | 0 | 15 | 55.0 | 90.00 | 71.11 | 99.22 | 85.17 |" in text  # validation, dev sets, their mean
     assert "| 07-swa | 0 | shot | MNIST-M | 71.11 | 73.33 | +2.22 |" in text       # adaptation to the dev set
     assert not any(n in text for n in ("43.21", "98.76", "55.55")) and not (tmp_path / "selection.png").exists()
+
+
+def test_the_selection_table_gives_each_columns_mean_and_std_over_seeds(tmp_path):
+    for seed, (val, mnistm, usps, first, minutes) in enumerate([(0.988, 0.83, 0.99, 0.60, 21), (0.996, 0.84, 0.994, 0.62, 23)]):
+        m = metrics(0.4321, 0.9876, seed, dataset="mnist", name="07-x")
+        m.update(dev=dict(mnistm=mnistm, usps=usps), history=[dict(train_acc=first)], wall_time_s=60 * minutes,
+                 best_val_acc=val)
+        write(tmp_path / f"07-x/seed-{seed}/metrics.json", m)
+    text = selection_report(tmp_path)
+    # std with ddof=1 over two seeds: |a - b| / sqrt(2); the dev mean's per seed 91.00 and 91.70
+    assert "| 07-x | mean ± std | 15 | 61.00 ± 1.41 | 99.20 ± 0.57 | 83.50 ± 0.71 | 99.20 ± 0.28 | 91.35 ± 0.49 " \
+           "| at most 23min | |" in text
+    assert not any(n in text for n in ("43.21", "98.76"))
 
 
 def test_commands_are_written_as_anyone_reruns_them():
