@@ -10,7 +10,7 @@ the network and optimization recipe of the best finished 01-06 experiment instea
 and prints and records which. Recipes are chosen on the MNIST validation split and the dev domains (MNIST-M
 and USPS train files), never on SVHN: SVHN is the held-out domain (README "Protocol"). Saves model.pt, which
 08 starts from.
-    python 07_reverse_mnist.py [--train-subset 10000] [--epochs 7] [--inherit-best] [--quick]
+    python 07_reverse_mnist.py [--train-subset 10000] [--epochs 8] [--inherit-best] [--quick]
 """
 import dataclasses
 from dataclasses import dataclass
@@ -28,10 +28,10 @@ class ReverseConfig(Config):
 CONFIG = ReverseConfig(
     name="07_reverse_mnist",
     dataset="mnist",          # the variable under study
-    epochs=7,                 # two views per image; 6 left seed 0's source validation at 98.8% (results/STUDY.md)
-    width=56,                 # 20 min per seed on a 2-core AMD EPYC; 64 took 27 (results/STUDY.md, sections 4 and 7)
+    epochs=8,                 # two views per image; the eighth met the validation bar (results/STUDY.md, section 16)
+    width=56,                 # 24 min per seed on a 2-core AMD EPYC at 8 epochs; 64 took 27 at 7 (results/STUDY.md)
     batch_size=64,            # twice the steps of 128 in the same time: every seed past 50% train accuracy in epoch 1
-    warmup=0.15,              # one epoch of warm-up, as in the 5-epoch pilots the recipe was chosen on
+    warmup=0.13,              # one epoch of warm-up, as in the 5-epoch pilots the recipe was chosen on
     label_smoothing=0.1,      # 04's recipe, with its augmentation
     **(AUGMENT_04 | CROSS_DOMAIN),  # 04's augmentation under the cross-domain recipe (common/config.py)
 )

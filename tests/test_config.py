@@ -55,7 +55,7 @@ def test_07s_help_gives_its_own_reasons_not_01s(capsys):
         script.cli(script.CONFIG, ["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert out.startswith("usage: ") and "07 · Reverse direction" in out  # 07's docstring, not the caller's
-    assert "(default: 7; 01_base: 15)" in out and "converge on full SVHN" not in out  # 01's reason for 15 epochs
+    assert "(default: 8; 01_base: 15)" in out and "converge on full SVHN" not in out  # 01's reason for 15 epochs
     assert "the first steps on strange textures otherwise swing the weights far (default: 1.0; 01_base: 0.0)" in out
     assert "DG_FIELDS" not in out and "ReverseConfig" not in out  # no internal names
     # 04's augmentation under the cross-domain preset: where both set a field (the perspective warp), 07 takes
